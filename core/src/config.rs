@@ -1,0 +1,466 @@
+//! Configuration: one `warren.toml` read by the dispatcher and the workers alike.
+//!
+//! Every section and field has a default, so an empty file (or no file) is a working local
+//! setup. Unknown keys are rejected, and [`Config::validate`] checks values that TOML cannot:
+//! an error always names the file and the key. Durations are written the humane way (`"30s"`,
+//! `"5m"`, `"1h 30m"`).
+//!
+//! Where a file comes from is decided by [`Config::load`]; `WARREN_AMQP_URL` overrides
+//! `broker.url` so that containers and tests can point at another broker without a file.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::{delay, topology};
+
+/// Environment variable that overrides `broker.url`.
+pub const AMQP_URL_ENV: &str = "WARREN_AMQP_URL";
+/// Environment variable naming the config file when no `--config` is given.
+pub const CONFIG_ENV: &str = "WARREN_CONFIG";
+/// Looked for in the working directory when neither `--config` nor `WARREN_CONFIG` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "config/warren.toml";
+
+/// RabbitMQ's default `consumer_timeout`: a delivery unacked for longer closes its channel.
+/// <https://www.rabbitmq.com/docs/consumers#acknowledgement-timeout>
+pub const BROKER_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub broker: BrokerConfig,
+    pub jobs: JobsConfig,
+    pub dispatcher: DispatcherConfig,
+    pub worker: WorkerConfig,
+    /// Per-queue settings. A queue that is not listed uses [`QueueConfig::default`].
+    pub queues: BTreeMap<String, QueueConfig>,
+    /// Where this configuration was read from, for error messages.
+    #[serde(skip)]
+    pub source: ConfigSource,
+}
+
+/// Where a [`Config`] came from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ConfigSource {
+    #[default]
+    Defaults,
+    File(PathBuf),
+}
+
+impl std::fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigSource::Defaults => f.write_str("(built-in defaults)"),
+            ConfigSource::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// `[broker]`: how to reach RabbitMQ.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// AMQP URL, vhost percent-encoded (`%2f` is `/`).
+    pub url: String,
+    /// AMQP heartbeat interval: a silent peer is declared dead after two missed beats.
+    #[serde(with = "humane")]
+    pub heartbeat: Duration,
+    /// How long to keep retrying (with exponential backoff) before giving up on connecting.
+    #[serde(with = "humane")]
+    pub connect_timeout: Duration,
+    /// Deadline for one broker round trip, such as waiting for a publisher confirm.
+    #[serde(with = "humane")]
+    pub operation_timeout: Duration,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            heartbeat: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            operation_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[jobs]`: limits that apply to every job.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// The largest JSON payload accepted, in bytes.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// `[dispatcher]`: submitting jobs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatcherConfig {
+    /// How many publishes may wait for their confirm at once in a batch.
+    pub max_in_flight: usize,
+}
+
+impl Default for DispatcherConfig {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 1000,
+        }
+    }
+}
+
+/// `[worker]`: the worker process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Jobs run at once by one process; also each consumer's prefetch.
+    pub concurrency: u16,
+    /// On SIGTERM/SIGINT, how long in-flight jobs may take to finish before the process exits
+    /// anyway (what did not finish is redelivered by the broker).
+    #[serde(with = "humane")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 16,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[queues.NAME]`: one work queue.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// `quorum` (replicated, the default) or `classic`.
+    #[serde(rename = "type")]
+    pub queue_type: QueueType,
+    /// Deliveries after which the broker dead-letters a job that never got settled (a job that
+    /// crashes its worker every time). Quorum queues only.
+    pub delivery_limit: u32,
+    /// A handler running longer than this is stopped and counted as a retryable failure.
+    #[serde(with = "humane")]
+    pub job_timeout: Duration,
+    pub retry: RetryConfig,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            queue_type: QueueType::Quorum,
+            delivery_limit: 10,
+            job_timeout: Duration::from_secs(5 * 60),
+            retry: RetryConfig::default(),
+        }
+    }
+}
+
+/// The RabbitMQ queue type of a work queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    Quorum,
+    Classic,
+}
+
+impl QueueType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        }
+    }
+}
+
+/// `[queues.NAME.retry]`: the exponential backoff between attempts.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Attempts in all, the first one included. 1 means never retry.
+    pub max_attempts: u32,
+    #[serde(with = "humane")]
+    pub initial_delay: Duration,
+    pub multiplier: f64,
+    #[serde(with = "humane")]
+    pub max_delay: Duration,
+    /// Randomisation factor: each delay is drawn from `[d·(1-jitter), d·(1+jitter)]`.
+    pub jitter: f64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            initial_delay: Duration::from_secs(1),
+            multiplier: 2.0,
+            max_delay: Duration::from_secs(60 * 60),
+            jitter: 0.2,
+        }
+    }
+}
+
+/// Everything that can be wrong with a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid config {origin}: `{key}` {reason}")]
+    Invalid {
+        origin: ConfigSource,
+        key: String,
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Loads the configuration: from `path` if given, else from `$WARREN_CONFIG`, else from
+    /// `config/warren.toml` if it exists, else the built-in defaults. Then applies
+    /// `$WARREN_AMQP_URL` and validates the result.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let from_env = std::env::var_os(CONFIG_ENV).map(PathBuf::from);
+        let default = Path::new(DEFAULT_CONFIG_PATH);
+        let path = match (path, from_env) {
+            (Some(path), _) => Some(path.to_path_buf()),
+            (None, Some(path)) => Some(path),
+            (None, None) => default.exists().then(|| default.to_path_buf()),
+        };
+        let mut config = match path {
+            Some(path) => Config::from_file(&path)?,
+            None => Config::default(),
+        };
+        if let Ok(url) = std::env::var(AMQP_URL_ENV) {
+            config.broker.url = url;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and parses one file, without validating it.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Config::from_toml(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })?;
+        config.source = ConfigSource::File(path.to_path_buf());
+        Ok(config)
+    }
+
+    /// Parses TOML text, without validating it.
+    pub fn from_toml(text: &str) -> Result<Config, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// The settings of one queue: its own section, or the defaults.
+    pub fn queue(&self, name: &str) -> QueueConfig {
+        self.queues.get(name).cloned().unwrap_or_default()
+    }
+
+    /// Checks what the types alone cannot. The first problem found is returned.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: String, reason: String| ConfigError::Invalid {
+            origin: self.source.clone(),
+            key,
+            reason,
+        };
+        if let Err(err) = self.broker.url.parse::<lapin::uri::AMQPUri>() {
+            return Err(invalid(
+                "broker.url".into(),
+                format!("is not an AMQP URL: {err}"),
+            ));
+        }
+        if self.broker.heartbeat.as_secs() > u64::from(u16::MAX) {
+            return Err(invalid(
+                "broker.heartbeat".into(),
+                "must be under 18h".into(),
+            ));
+        }
+        if self.dispatcher.max_in_flight == 0 {
+            return Err(invalid(
+                "dispatcher.max_in_flight".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if self.worker.concurrency == 0 {
+            return Err(invalid(
+                "worker.concurrency".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if self.jobs.max_payload_bytes == 0 {
+            return Err(invalid(
+                "jobs.max_payload_bytes".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        for (name, queue) in &self.queues {
+            if let Err(reason) = topology::validate_queue_name(name) {
+                return Err(invalid(format!("queues.{name}"), reason.to_string()));
+            }
+            queue
+                .validate()
+                .map_err(|(key, reason)| invalid(format!("queues.{name}.{key}"), reason))?;
+        }
+        Ok(())
+    }
+}
+
+impl QueueConfig {
+    /// Checks one queue's settings; on error returns the key (relative to the queue) and why.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        let retry = &self.retry;
+        if self.delivery_limit == 0 {
+            return Err(("delivery_limit", "must be at least 1".into()));
+        }
+        if self.job_timeout.is_zero() {
+            return Err(("job_timeout", "must be above zero".into()));
+        }
+        if retry.max_attempts == 0 {
+            return Err((
+                "retry.max_attempts",
+                "must be at least 1 (1 = no retries)".into(),
+            ));
+        }
+        if !(retry.multiplier.is_finite() && retry.multiplier >= 1.0) {
+            return Err((
+                "retry.multiplier",
+                "must be a number of at least 1.0".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&retry.jitter) {
+            return Err(("retry.jitter", "must be between 0.0 and 1.0".into()));
+        }
+        if retry.max_delay > delay::MAX_DELAY {
+            return Err((
+                "retry.max_delay",
+                format!(
+                    "must not exceed {} (the longest delay the delay queues can hold)",
+                    humantime::format_duration(delay::MAX_DELAY)
+                ),
+            ));
+        }
+        if retry.initial_delay > retry.max_delay {
+            return Err((
+                "retry.initial_delay",
+                "must not exceed retry.max_delay".into(),
+            ));
+        }
+        if self.job_timeout >= BROKER_CONSUMER_TIMEOUT {
+            tracing::warn!(
+                job_timeout = %humantime::format_duration(self.job_timeout),
+                "job_timeout is not below RabbitMQ's default consumer_timeout (30m): the broker \
+                 may close the channel of a job running that long unless consumer_timeout is \
+                 raised in rabbitmq.conf"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Serde glue for durations written as `"30s"`, `"5m"`, `"1h 30m"`.
+mod humane {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|err| {
+            serde::de::Error::custom(format!("`{text}` is not a duration like \"30s\": {err}"))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        let config = Config::from_toml("").expect("empty config parses");
+        assert_eq!(config.broker.url, BrokerConfig::default().url);
+        assert_eq!(config.queue("anything"), QueueConfig::default());
+        config.validate().expect("defaults are valid");
+    }
+
+    #[test]
+    fn queue_sections_and_durations_parse() {
+        let config = Config::from_toml(
+            r#"
+            [queues.emails]
+            type = "classic"
+            job_timeout = "90s"
+            retry = { max_attempts = 3, initial_delay = "2s", multiplier = 3.0, max_delay = "1m", jitter = 0.0 }
+            "#,
+        )
+        .expect("parses");
+        let emails = config.queue("emails");
+        assert_eq!(emails.queue_type, QueueType::Classic);
+        assert_eq!(emails.job_timeout, Duration::from_secs(90));
+        assert_eq!(emails.retry.max_attempts, 3);
+        assert_eq!(emails.retry.initial_delay, Duration::from_secs(2));
+        config.validate().expect("valid");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let err = Config::from_toml("[worker]\nconcurency = 4\n").expect_err("typo rejected");
+        assert!(err.to_string().contains("concurency"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let config = Config::from_toml("[queues.q.retry]\nmultiplier = 0.5\n").expect("parses");
+        let err = config.validate().expect_err("multiplier below 1");
+        assert!(
+            err.to_string().contains("queues.q.retry.multiplier"),
+            "{err}"
+        );
+
+        let config = Config::from_toml("[worker]\nshutdown_grace = \"soon\"\n");
+        assert!(
+            config
+                .expect_err("not a duration")
+                .to_string()
+                .contains("soon")
+        );
+
+        let config = Config::from_toml("[queues.\"bad name!\"]\n").expect("parses");
+        let err = config.validate().expect_err("bad queue name");
+        assert!(err.to_string().contains("queues.bad name!"), "{err}");
+
+        let config = Config::from_toml("[broker]\nurl = \"http://x\"\n").expect("parses");
+        let err = config.validate().expect_err("not amqp");
+        assert!(err.to_string().contains("broker.url"), "{err}");
+    }
+
+    #[test]
+    fn a_delay_past_the_delay_queues_is_rejected() {
+        let config = Config::from_toml("[queues.q.retry]\nmax_delay = \"100days\"\n").expect("ok");
+        let err = config.validate().expect_err("too long");
+        assert!(err.to_string().contains("retry.max_delay"), "{err}");
+    }
+}

@@ -1,0 +1,520 @@
+//! The job envelope: how a job is written into an AMQP message and read back out of one.
+//!
+//! This module is the only place where jobs become messages and messages become jobs. The
+//! format is plain AMQP so that any client can produce or consume jobs (see
+//! `docs/PROTOCOL.md`):
+//!
+//! - body: the job's JSON payload, byte for byte as submitted;
+//! - properties: `message_id` = job id, `type` = job kind, `content_type` =
+//!   `application/json`, `delivery_mode` = 2 (persistent), `timestamp`, `app_id`;
+//! - headers: [`ATTEMPT`] (1 for the first run) and [`FIRST_ENQUEUED_AT`]; a dead-lettered
+//!   job also carries the [`DeadLetter`] headers.
+//!
+//! Everything read from a message is untrusted: [`Job::decode`] turns it into a typed job or a
+//! [`DecodeError`] that says why it is poison. It never panics.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use serde::de::IgnoredAny;
+
+use crate::topology;
+
+/// Header: which attempt this delivery is, starting at 1.
+pub const ATTEMPT: &str = "x-warren-attempt";
+/// Header: when the job was first submitted (RFC 3339, UTC).
+pub const FIRST_ENQUEUED_AT: &str = "x-warren-first-enqueued-at";
+/// Dead-letter header: why the job is dead.
+pub const ERROR: &str = "x-warren-error";
+/// Dead-letter header: which kind of failure (see [`DeadReason::class`]).
+pub const ERROR_CLASS: &str = "x-warren-error-class";
+/// Dead-letter header: attempts made.
+pub const ATTEMPTS: &str = "x-warren-attempts";
+/// Dead-letter header: when it failed for good (RFC 3339, UTC).
+pub const FAILED_AT: &str = "x-warren-failed-at";
+/// Dead-letter header: the worker that gave up on it.
+pub const WORKER: &str = "x-warren-worker";
+/// Dead-letter header: the work queue it came from.
+pub const QUEUE: &str = "x-warren-queue";
+
+/// The only content type Warren writes, and the only one it reads (besides none at all).
+pub const CONTENT_TYPE: &str = "application/json";
+/// `app_id` of messages Warren publishes.
+pub const APP_ID: &str = "warren";
+/// AMQP delivery mode 2: the broker writes the message to disk.
+const PERSISTENT: u8 = 2;
+
+/// A job's id: the AMQP `message_id`. A UUIDv7 unless the submitter chose one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobId(pub String);
+
+impl JobId {
+    /// A new time-ordered id.
+    pub fn generate() -> JobId {
+        JobId(uuid::Uuid::now_v7().to_string())
+    }
+}
+
+impl std::fmt::Display for JobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A job about to be submitted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewJob {
+    pub queue: String,
+    pub kind: String,
+    /// The payload's JSON text, sent as the message body unchanged.
+    pub payload: Vec<u8>,
+    /// The job id; generated when `None`.
+    pub id: Option<String>,
+}
+
+impl NewJob {
+    /// A job whose payload is serialised from a JSON value.
+    pub fn new(
+        queue: impl Into<String>,
+        kind: impl Into<String>,
+        payload: &serde_json::Value,
+    ) -> NewJob {
+        NewJob {
+            queue: queue.into(),
+            kind: kind.into(),
+            payload: payload.to_string().into_bytes(),
+            id: None,
+        }
+    }
+
+    /// A job whose payload is JSON text; checked by [`NewJob::encode`].
+    pub fn from_json_text(
+        queue: impl Into<String>,
+        kind: impl Into<String>,
+        payload: impl Into<Vec<u8>>,
+    ) -> NewJob {
+        NewJob {
+            queue: queue.into(),
+            kind: kind.into(),
+            payload: payload.into(),
+            id: None,
+        }
+    }
+
+    /// Sets the job id.
+    pub fn with_id(mut self, id: impl Into<String>) -> NewJob {
+        self.id = Some(id.into());
+        self
+    }
+
+    /// Checks the job and turns it into the message to publish.
+    pub fn encode(&self, max_payload_bytes: usize) -> Result<Message, EncodeError> {
+        if self.payload.len() > max_payload_bytes {
+            return Err(EncodeError::TooLarge {
+                size: self.payload.len(),
+                limit: max_payload_bytes,
+            });
+        }
+        serde_json::from_slice::<IgnoredAny>(&self.payload).map_err(EncodeError::NotJson)?;
+        let queue = topology::short(&self.queue).map_err(|_| EncodeError::TooLong("queue"))?;
+        if self.kind.is_empty() {
+            return Err(EncodeError::EmptyKind);
+        }
+        let kind =
+            ShortString::try_new(self.kind.as_str()).map_err(|_| EncodeError::TooLong("kind"))?;
+        let id = match &self.id {
+            Some(id) if id.is_empty() => return Err(EncodeError::EmptyId),
+            Some(id) => JobId(id.clone()),
+            None => JobId::generate(),
+        };
+        let message_id =
+            ShortString::try_new(id.0.as_str()).map_err(|_| EncodeError::TooLong("job id"))?;
+        let now = SystemTime::now();
+        let mut headers = FieldTable::default();
+        headers.insert(ATTEMPT.into(), AMQPValue::LongLongInt(1));
+        headers.insert(FIRST_ENQUEUED_AT.into(), timestamp_value(now));
+        let properties = BasicProperties::default()
+            .with_message_id(message_id)
+            .with_type(kind)
+            .with_content_type(CONTENT_TYPE.into())
+            .with_delivery_mode(PERSISTENT)
+            .with_timestamp(unix_seconds(now))
+            .with_app_id(APP_ID.into())
+            .with_headers(headers);
+        Ok(Message {
+            id,
+            routing_key: queue,
+            body: self.payload.clone(),
+            properties,
+        })
+    }
+}
+
+/// An encoded job, ready for `basic_publish` to [`topology::JOBS_EXCHANGE`].
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub id: JobId,
+    pub routing_key: ShortString,
+    pub body: Vec<u8>,
+    pub properties: BasicProperties,
+}
+
+/// Why a job could not be encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("payload is {size} bytes, over the limit of {limit} (jobs.max_payload_bytes)")]
+    TooLarge { size: usize, limit: usize },
+    #[error("payload is not valid JSON: {0}")]
+    NotJson(serde_json::Error),
+    #[error("{0} is longer than 255 bytes")]
+    TooLong(&'static str),
+    #[error("job kind is empty")]
+    EmptyKind,
+    #[error("job id is empty")]
+    EmptyId,
+}
+
+/// A job as a worker sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub id: JobId,
+    pub kind: String,
+    /// 1 for the first attempt; retries count up.
+    pub attempt: u32,
+    pub payload: serde_json::Value,
+}
+
+impl Job {
+    /// Reads a delivered message. Anything that is not a well-formed Warren job is an error
+    /// that says why; the caller dead-letters it.
+    pub fn decode(
+        properties: &BasicProperties,
+        body: &[u8],
+        max_payload_bytes: usize,
+    ) -> Result<Job, DecodeError> {
+        let id = match properties.message_id() {
+            Some(id) if !id.as_str().is_empty() => JobId(id.as_str().to_owned()),
+            _ => return Err(DecodeError::MissingId),
+        };
+        let kind = match properties.kind() {
+            Some(kind) if !kind.as_str().is_empty() => kind.as_str().to_owned(),
+            _ => return Err(DecodeError::MissingKind),
+        };
+        if let Some(content_type) = properties.content_type()
+            && !content_type.as_str().eq_ignore_ascii_case(CONTENT_TYPE)
+        {
+            return Err(DecodeError::ContentType(content_type.as_str().to_owned()));
+        }
+        if body.len() > max_payload_bytes {
+            return Err(DecodeError::TooLarge {
+                size: body.len(),
+                limit: max_payload_bytes,
+            });
+        }
+        let attempt = attempt(properties.headers().as_ref())?;
+        let payload =
+            serde_json::from_slice(body).map_err(|err| DecodeError::NotJson(err.to_string()))?;
+        Ok(Job {
+            id,
+            kind,
+            attempt,
+            payload,
+        })
+    }
+}
+
+/// Why a delivered message is not a job. Each is final: retrying cannot help.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message has no message_id property (the job id)")]
+    MissingId,
+    #[error("message has no type property (the job kind)")]
+    MissingKind,
+    #[error("content type `{0}` is not application/json")]
+    ContentType(String),
+    #[error("body is {size} bytes, over the limit of {limit} (jobs.max_payload_bytes)")]
+    TooLarge { size: usize, limit: usize },
+    #[error("body is not valid JSON: {0}")]
+    NotJson(String),
+    #[error("header x-warren-attempt is {0}, not a whole number from 1 up")]
+    BadAttempt(String),
+}
+
+/// Reads [`ATTEMPT`]: absent means 1 (a job from a plain AMQP client); anything but a
+/// positive integer is an error.
+fn attempt(headers: Option<&FieldTable>) -> Result<u32, DecodeError> {
+    let Some(value) = headers.and_then(|h| h.inner().get(ATTEMPT)) else {
+        return Ok(1);
+    };
+    let number = match value {
+        AMQPValue::ShortShortInt(n) => i64::from(*n),
+        AMQPValue::ShortShortUInt(n) => i64::from(*n),
+        AMQPValue::ShortInt(n) => i64::from(*n),
+        AMQPValue::ShortUInt(n) => i64::from(*n),
+        AMQPValue::LongInt(n) => i64::from(*n),
+        AMQPValue::LongUInt(n) => i64::from(*n),
+        AMQPValue::LongLongInt(n) => *n,
+        other => return Err(DecodeError::BadAttempt(format!("{other:?}"))),
+    };
+    u32::try_from(number)
+        .ok()
+        .filter(|n| *n >= 1)
+        .ok_or_else(|| DecodeError::BadAttempt(number.to_string()))
+}
+
+/// Properties for the next attempt of a job: everything the original carried, with the
+/// attempt counter set and the broker's per-hop bookkeeping (`x-death`, `x-delivery-count`)
+/// left behind.
+pub fn retry_properties(original: &BasicProperties, next_attempt: u32) -> BasicProperties {
+    let mut headers = carried_headers(original);
+    headers.insert(
+        ATTEMPT.into(),
+        AMQPValue::LongLongInt(i64::from(next_attempt)),
+    );
+    original.clone().with_headers(headers)
+}
+
+/// Why and how a job was given up on; written as headers on the dead-lettered message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub reason: DeadReason,
+    /// Human-readable detail: the handler's error, the decode error, ...
+    pub error: String,
+    pub attempts: u32,
+    pub queue: String,
+    pub worker: String,
+}
+
+/// The kinds of failure that end in a dead-letter queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadReason {
+    /// The handler said retrying cannot help.
+    Permanent,
+    /// Every allowed attempt failed.
+    Exhausted,
+    /// The message is not a job Warren can read.
+    Malformed,
+    /// No handler is registered for the job's kind.
+    UnknownKind,
+}
+
+impl DeadReason {
+    /// The value of the [`ERROR_CLASS`] header.
+    pub fn class(self) -> &'static str {
+        match self {
+            DeadReason::Permanent => "permanent",
+            DeadReason::Exhausted => "exhausted",
+            DeadReason::Malformed => "malformed",
+            DeadReason::UnknownKind => "unknown-kind",
+        }
+    }
+}
+
+impl DeadLetter {
+    /// Properties for the dead-lettered copy: the original's, plus the failure headers.
+    pub fn properties(&self, original: &BasicProperties) -> BasicProperties {
+        let mut headers = carried_headers(original);
+        let mut put = |key: &str, value: AMQPValue| {
+            headers.insert(key.into(), value);
+        };
+        put(ERROR, long_string(&self.error));
+        put(ERROR_CLASS, long_string(self.reason.class()));
+        put(ATTEMPTS, AMQPValue::LongLongInt(i64::from(self.attempts)));
+        put(FAILED_AT, timestamp_value(SystemTime::now()));
+        put(WORKER, long_string(&self.worker));
+        put(QUEUE, long_string(&self.queue));
+        original.clone().with_headers(headers)
+    }
+}
+
+/// The original headers minus what the broker adds on each dead-letter hop.
+fn carried_headers(original: &BasicProperties) -> FieldTable {
+    let mut headers = FieldTable::default();
+    if let Some(old) = original.headers() {
+        for (key, value) in old {
+            let key_str = key.as_str();
+            let broker_owned = key_str == "x-death"
+                || key_str == "x-delivery-count"
+                || key_str.starts_with("x-first-death-")
+                || key_str.starts_with("x-last-death-");
+            if !broker_owned {
+                headers.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    headers
+}
+
+/// Reads a header as text, if it is a string.
+pub fn header_str<'a>(
+    properties: &'a BasicProperties,
+    key: &str,
+) -> Option<std::borrow::Cow<'a, str>> {
+    match properties.headers().as_ref()?.inner().get(key)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes())),
+        AMQPValue::ShortString(s) => Some(std::borrow::Cow::Borrowed(s.as_str())),
+        _ => None,
+    }
+}
+
+/// Reads a header as an integer, if it is one.
+pub fn header_int(properties: &BasicProperties, key: &str) -> Option<i64> {
+    match properties.headers().as_ref()?.inner().get(key)? {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        _ => None,
+    }
+}
+
+fn long_string(text: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(text))
+}
+
+fn timestamp_value(at: SystemTime) -> AMQPValue {
+    long_string(&humantime::format_rfc3339_millis(at).to_string())
+}
+
+fn unix_seconds(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encode(job: &NewJob) -> Message {
+        job.encode(1024).expect("encodes")
+    }
+
+    #[test]
+    fn a_job_round_trips() {
+        let new =
+            NewJob::new("emails", "send", &serde_json::json!({"to": "a@b.c"})).with_id("job-1");
+        let message = encode(&new);
+        assert_eq!(message.id.0, "job-1");
+        assert_eq!(message.routing_key.as_str(), "emails");
+        assert_eq!(message.body, br#"{"to":"a@b.c"}"#);
+        let job = Job::decode(&message.properties, &message.body, 1024).expect("decodes");
+        assert_eq!(job.kind, "send");
+        assert_eq!(job.attempt, 1);
+        assert_eq!(job.payload["to"], "a@b.c");
+        assert!(header_str(&message.properties, FIRST_ENQUEUED_AT).is_some());
+    }
+
+    #[test]
+    fn bad_jobs_are_refused_before_sending() {
+        let big = NewJob::from_json_text("q", "k", vec![b' '; 2000]);
+        assert!(matches!(
+            big.encode(1024),
+            Err(EncodeError::TooLarge { size: 2000, .. })
+        ));
+        let not_json = NewJob::from_json_text("q", "k", "{oops");
+        assert!(matches!(
+            not_json.encode(1024),
+            Err(EncodeError::NotJson(_))
+        ));
+        let no_kind = NewJob::from_json_text("q", "", "{}");
+        assert!(matches!(no_kind.encode(1024), Err(EncodeError::EmptyKind)));
+        let long_kind = NewJob::from_json_text("q", "k".repeat(256), "{}");
+        assert!(matches!(
+            long_kind.encode(1024),
+            Err(EncodeError::TooLong("kind"))
+        ));
+    }
+
+    #[test]
+    fn generated_ids_are_unique() {
+        let job = NewJob::new("q", "k", &serde_json::Value::Null);
+        assert_ne!(encode(&job).id, encode(&job).id);
+    }
+
+    #[test]
+    fn malformed_messages_say_why() {
+        let good = encode(&NewJob::new("q", "k", &serde_json::json!(1)));
+        let props = good.properties.clone();
+        let decode = |p: &BasicProperties, body: &[u8]| Job::decode(p, body, 1024);
+
+        assert_eq!(
+            decode(&props, b"not json")
+                .map(|_| ())
+                .unwrap_err()
+                .to_string()
+                .contains("JSON"),
+            true
+        );
+        let no_id = BasicProperties::default().with_type("k".into());
+        assert_eq!(decode(&no_id, b"{}"), Err(DecodeError::MissingId));
+        let no_kind = BasicProperties::default().with_message_id("x".into());
+        assert_eq!(decode(&no_kind, b"{}"), Err(DecodeError::MissingKind));
+        let text = props.clone().with_content_type("text/plain".into());
+        assert!(matches!(
+            decode(&text, b"{}"),
+            Err(DecodeError::ContentType(_))
+        ));
+        assert!(matches!(
+            decode(&props, &[b'1'; 2000]),
+            Err(DecodeError::TooLarge { .. })
+        ));
+
+        for spoof in [
+            AMQPValue::LongLongInt(0),
+            AMQPValue::LongLongInt(-3),
+            long_string("2"),
+        ] {
+            let mut headers = FieldTable::default();
+            headers.insert(ATTEMPT.into(), spoof);
+            let spoofed = props.clone().with_headers(headers);
+            assert!(matches!(
+                decode(&spoofed, b"{}"),
+                Err(DecodeError::BadAttempt(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn a_plain_amqp_job_needs_only_id_and_type() {
+        let props = BasicProperties::default()
+            .with_message_id("x".into())
+            .with_type("k".into());
+        let job = Job::decode(&props, b"[1,2]", 1024).expect("decodes");
+        assert_eq!(job.attempt, 1);
+    }
+
+    #[test]
+    fn retries_count_up_and_drop_broker_bookkeeping() {
+        let message = encode(&NewJob::new("q", "k", &serde_json::json!({})));
+        let mut headers = message.properties.headers().clone().unwrap_or_default();
+        headers.insert("x-death".into(), AMQPValue::FieldArray(Default::default()));
+        headers.insert("x-custom".into(), long_string("kept"));
+        let delivered = message.properties.clone().with_headers(headers);
+
+        let retry = retry_properties(&delivered, 2);
+        assert_eq!(header_int(&retry, ATTEMPT), Some(2));
+        assert_eq!(header_str(&retry, "x-custom").as_deref(), Some("kept"));
+        assert!(
+            !retry
+                .headers()
+                .as_ref()
+                .expect("headers")
+                .contains_key("x-death")
+        );
+        assert_eq!(retry.message_id(), delivered.message_id());
+
+        let dead = DeadLetter {
+            reason: DeadReason::Exhausted,
+            error: "boom".into(),
+            attempts: 3,
+            queue: "q".into(),
+            worker: "w1".into(),
+        }
+        .properties(&delivered);
+        assert_eq!(header_str(&dead, ERROR).as_deref(), Some("boom"));
+        assert_eq!(header_str(&dead, ERROR_CLASS).as_deref(), Some("exhausted"));
+        assert_eq!(header_int(&dead, ATTEMPTS), Some(3));
+        assert!(header_str(&dead, FAILED_AT).is_some());
+    }
+}

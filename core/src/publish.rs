@@ -1,0 +1,106 @@
+//! Publishing with proof: every Warren publish is `mandatory` and waits for the broker's
+//! publisher confirm, so "published" means "on disk in a queue".
+//!
+//! With `mandatory`, a message that no queue is bound for comes back inside its confirmation
+//! ([`lapin::Confirmation::Ack`] with a returned message): that is how a submit to a missing
+//! queue becomes [`PublishError::Unroutable`] instead of a silent drop. See
+//! <https://www.rabbitmq.com/docs/confirms#publisher-confirms>.
+//!
+//! Publishing is split in two ([`send`], then [`Pending::confirmed`]) so that a batch can keep
+//! many confirms in flight; [`publish`] does both for a single message.
+
+use std::time::Duration;
+
+use lapin::options::BasicPublishOptions;
+use lapin::types::ShortString;
+use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
+
+/// Why a message is not known to be safely queued.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(
+        "no queue is bound for `{routing_key}` on exchange `{exchange}` (does the queue exist?)"
+    )]
+    Unroutable {
+        exchange: String,
+        routing_key: String,
+    },
+    #[error("the broker refused the message (nack) on exchange `{exchange}`")]
+    Nacked { exchange: String },
+    #[error("no confirm from the broker within {0:?}")]
+    Timeout(Duration),
+    #[error("publishing failed: {0}")]
+    Channel(#[from] lapin::Error),
+}
+
+/// Sends one message (`mandatory`) and returns its pending confirm.
+pub async fn send(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: ShortString,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Result<Pending, PublishError> {
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..Default::default()
+    };
+    let confirm = channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.clone(),
+            options,
+            body,
+            properties,
+        )
+        .await?;
+    Ok(Pending {
+        confirm,
+        exchange: exchange.to_owned(),
+        routing_key,
+    })
+}
+
+/// Sends one message and waits for its confirm.
+pub async fn publish(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: ShortString,
+    body: &[u8],
+    properties: BasicProperties,
+    timeout: Duration,
+) -> Result<(), PublishError> {
+    send(channel, exchange, routing_key, body, properties)
+        .await?
+        .confirmed(timeout)
+        .await
+}
+
+/// A message sent and not yet confirmed.
+#[derive(Debug)]
+pub struct Pending {
+    confirm: PublisherConfirm,
+    exchange: String,
+    routing_key: ShortString,
+}
+
+impl Pending {
+    /// Waits for the broker's verdict, at most `timeout`.
+    pub async fn confirmed(self, timeout: Duration) -> Result<(), PublishError> {
+        let confirmation = tokio::time::timeout(timeout, self.confirm)
+            .await
+            .map_err(|_| PublishError::Timeout(timeout))??;
+        match confirmation {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable {
+                exchange: self.exchange,
+                routing_key: self.routing_key.to_string(),
+            }),
+            Confirmation::Nack(_) => Err(PublishError::Nacked {
+                exchange: self.exchange,
+            }),
+            // Only reachable on a channel without confirm.select, which Warren never publishes on.
+            Confirmation::NotRequested => Ok(()),
+        }
+    }
+}

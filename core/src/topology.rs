@@ -1,0 +1,451 @@
+//! The AMQP topology: every exchange, queue, binding and `x-` argument Warren uses is spelled
+//! here, and nowhere else.
+//!
+//! ```text
+//!  submit ──► warren.jobs (direct) ──key=<queue>──► <queue>  (quorum, x-delivery-limit)
+//!                                                     │  ▲
+//!          worker: retry with delay d ────────────────┼──┼──► warren.delay.21 … .00 (topic)
+//!                                                     │  │        └─ TTL queues, see `delay`
+//!                                                     │  └── warren.delay.deliver (topic)
+//!          worker: permanent / exhausted / malformed  │
+//!          broker: delivery limit reached ────────────┴──► warren.dead (direct) ──► <queue>.dead
+//! ```
+//!
+//! Everything is declared idempotently by [`declare`]; a second run changes nothing. A queue
+//! that already exists with other arguments (say `classic` where Warren wants `quorum`) makes
+//! RabbitMQ close the channel with `PRECONDITION_FAILED`; [`declare`] turns that into
+//! [`TopologyError::Mismatch`] naming the queue and the argument.
+//!
+//! Why the arguments are what they are:
+//! - quorum queues replicate and fsync, so a confirmed job survives a broker crash
+//!   (<https://www.rabbitmq.com/docs/quorum-queues>);
+//! - `x-delivery-limit` dead-letters a job that crashed its worker that many times, instead of
+//!   redelivering it forever (3.10 has no default);
+//! - `x-dead-letter-strategy = at-least-once` with `x-overflow = reject-publish` makes the
+//!   broker's own dead-lettering (delivery limit, delay TTLs) safe against a crash mid-move
+//!   (<https://www.rabbitmq.com/docs/quorum-queues#dead-lettering>); it needs the
+//!   `stream_queue` feature flag, which `scripts/broker` enables.
+
+use lapin::options::{
+    ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+use crate::config::{QueueConfig, QueueType};
+use crate::delay;
+
+/// Jobs are published here with the queue's name as routing key.
+pub const JOBS_EXCHANGE: &str = "warren.jobs";
+/// Dead jobs are published here with `<queue>.dead` as routing key.
+pub const DEAD_EXCHANGE: &str = "warren.dead";
+/// The last hop of a delay: routes a message whose time is up to its work queue.
+pub const DELAY_DELIVER_EXCHANGE: &str = "warren.delay.deliver";
+/// Suffix of every dead-letter queue.
+pub const DEAD_SUFFIX: &str = ".dead";
+/// Longest queue name: the delay routing key adds 44 bytes and must fit in 255.
+pub const MAX_QUEUE_NAME: usize = 255 - 2 * delay::LEVELS as usize;
+
+/// The dead-letter queue of `queue`.
+pub fn dead_queue(queue: &str) -> String {
+    format!("{queue}{DEAD_SUFFIX}")
+}
+
+/// The exchange, and the queue of the same name, of delay level `level`.
+pub fn delay_level(level: u32) -> String {
+    format!("warren.delay.{level:02}")
+}
+
+/// Where a message is published to wait `seconds` before it reaches `queue`:
+/// `(exchange, routing key)`.
+pub fn delay_route(seconds: u64, queue: &str) -> (String, String) {
+    (
+        delay_level(delay::LEVELS - 1),
+        delay::routing_key(seconds, queue),
+    )
+}
+
+/// Checks that `name` can be a Warren work queue.
+///
+/// The delay routing key uses dots as word separators and `*`/`#` as wildcards, so a name is
+/// one or more dot-separated words of letters, digits, `-` and `_`.
+pub fn validate_queue_name(name: &str) -> Result<(), NameError> {
+    if name.is_empty() || name.len() > MAX_QUEUE_NAME {
+        return Err(NameError::Length(name.len()));
+    }
+    if name.starts_with("amq.") || name.starts_with("warren.") {
+        return Err(NameError::Reserved);
+    }
+    if name.ends_with(DEAD_SUFFIX) {
+        return Err(NameError::DeadSuffix);
+    }
+    let word_ok = |w: &str| {
+        !w.is_empty()
+            && w.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if !name.split('.').all(word_ok) {
+        return Err(NameError::Characters);
+    }
+    Ok(())
+}
+
+/// Why a queue name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("queue names are 1 to {MAX_QUEUE_NAME} bytes long (this one has {0})")]
+    Length(usize),
+    #[error("queue names starting with `amq.` or `warren.` are reserved")]
+    Reserved,
+    #[error("queue names ending in `.dead` are reserved for dead-letter queues")]
+    DeadSuffix,
+    #[error(
+        "queue names are dot-separated words of ASCII letters, digits, `-` and `_` \
+         (no empty words, no `*` or `#`)"
+    )]
+    Characters,
+}
+
+/// The arguments of work queue `name`.
+pub fn work_queue_arguments(name: &str, queue: &QueueConfig) -> FieldTable {
+    let mut args = Arguments::of_type(queue.queue_type);
+    args.string("x-dead-letter-exchange", DEAD_EXCHANGE);
+    args.string("x-dead-letter-routing-key", &dead_queue(name));
+    if queue.queue_type == QueueType::Quorum {
+        args.long("x-delivery-limit", i64::from(queue.delivery_limit));
+        args.at_least_once_dead_lettering();
+    }
+    args.0
+}
+
+/// The arguments of a dead-letter queue: same type as its work queue, no onward route.
+pub fn dead_queue_arguments(queue: &QueueConfig) -> FieldTable {
+    Arguments::of_type(queue.queue_type).0
+}
+
+/// The arguments of delay level `level`'s queue: a fixed TTL, then on to the next level.
+pub fn delay_queue_arguments(level: u32) -> FieldTable {
+    let next = match level {
+        0 => DELAY_DELIVER_EXCHANGE.to_owned(),
+        _ => delay_level(level - 1),
+    };
+    let ttl_ms = delay::level_ttl(level).as_millis();
+    let mut args = Arguments::of_type(QueueType::Quorum);
+    args.long("x-message-ttl", i64::try_from(ttl_ms).unwrap_or(i64::MAX));
+    args.string("x-dead-letter-exchange", &next);
+    args.at_least_once_dead_lettering();
+    args.0
+}
+
+/// One builder for `x-` argument tables.
+struct Arguments(FieldTable);
+
+impl Arguments {
+    fn of_type(queue_type: QueueType) -> Self {
+        let mut args = Arguments(FieldTable::default());
+        args.string("x-queue-type", queue_type.as_str());
+        args
+    }
+
+    fn string(&mut self, key: &str, value: &str) {
+        self.0
+            .insert(key.into(), AMQPValue::LongString(LongString::from(value)));
+    }
+
+    fn long(&mut self, key: &str, value: i64) {
+        self.0.insert(key.into(), AMQPValue::LongLongInt(value));
+    }
+
+    fn at_least_once_dead_lettering(&mut self) {
+        self.string("x-dead-letter-strategy", "at-least-once");
+        self.string("x-overflow", "reject-publish");
+    }
+}
+
+/// One thing [`declare`] declared, for `warren topology apply` to print.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Declared {
+    Exchange {
+        name: String,
+        kind: &'static str,
+    },
+    Queue {
+        name: String,
+        queue_type: &'static str,
+    },
+    Binding {
+        source: String,
+        destination: String,
+        key: String,
+    },
+}
+
+impl std::fmt::Display for Declared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Declared::Exchange { name, kind } => write!(f, "exchange {name} ({kind})"),
+            Declared::Queue { name, queue_type } => write!(f, "queue    {name} ({queue_type})"),
+            Declared::Binding {
+                source,
+                destination,
+                key,
+            } => {
+                write!(f, "binding  {source} -> {destination} [{key}]")
+            }
+        }
+    }
+}
+
+/// What can go wrong while declaring.
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error("invalid queue name `{name}`: {reason}")]
+    InvalidName { name: String, reason: NameError },
+    #[error(
+        "queue `{queue}` already exists with different settings: {detail}. Delete the queue \
+         (after draining it) or change the config to match"
+    )]
+    Mismatch { queue: String, detail: String },
+    #[error("declaring {what}: {source}")]
+    Broker { what: String, source: lapin::Error },
+}
+
+/// Declares the shared exchanges, the delay levels, and each work queue with its dead-letter
+/// queue and bindings. Idempotent. Returns everything declared, in order.
+///
+/// The channel is closed by the broker on a mismatch: use a channel of its own.
+pub async fn declare(
+    channel: &Channel,
+    queues: &[(&str, &QueueConfig)],
+) -> Result<Vec<Declared>, TopologyError> {
+    let mut d = Declarer {
+        channel,
+        done: Vec::new(),
+    };
+    for (name, _) in queues {
+        validate_queue_name(name).map_err(|reason| TopologyError::InvalidName {
+            name: (*name).to_owned(),
+            reason,
+        })?;
+    }
+    d.exchange(JOBS_EXCHANGE, ExchangeKind::Direct).await?;
+    d.exchange(DEAD_EXCHANGE, ExchangeKind::Direct).await?;
+    d.exchange(DELAY_DELIVER_EXCHANGE, ExchangeKind::Topic)
+        .await?;
+    for level in (0..delay::LEVELS).rev() {
+        d.exchange(&delay_level(level), ExchangeKind::Topic).await?;
+    }
+    for level in (0..delay::LEVELS).rev() {
+        let name = delay_level(level);
+        d.queue(&name, "quorum", delay_queue_arguments(level))
+            .await?;
+        d.bind_queue(&name, &name, &delay::level_pattern(level, true))
+            .await?;
+        let next = match level {
+            0 => DELAY_DELIVER_EXCHANGE.to_owned(),
+            _ => delay_level(level - 1),
+        };
+        d.bind_exchange(&name, &next, &delay::level_pattern(level, false))
+            .await?;
+    }
+    for (name, queue) in queues {
+        let dead = dead_queue(name);
+        let queue_type = queue.queue_type.as_str();
+        d.queue(&dead, queue_type, dead_queue_arguments(queue))
+            .await?;
+        d.bind_queue(DEAD_EXCHANGE, &dead, &dead).await?;
+        d.queue(name, queue_type, work_queue_arguments(name, queue))
+            .await?;
+        d.bind_queue(JOBS_EXCHANGE, name, name).await?;
+        d.bind_queue(DELAY_DELIVER_EXCHANGE, name, &delay::deliver_pattern(name))
+            .await?;
+    }
+    Ok(d.done)
+}
+
+/// Runs the declarations one by one and records them.
+struct Declarer<'a> {
+    channel: &'a Channel,
+    done: Vec<Declared>,
+}
+
+impl Declarer<'_> {
+    async fn exchange(&mut self, name: &str, kind: ExchangeKind) -> Result<(), TopologyError> {
+        let kind_name = match kind {
+            ExchangeKind::Direct => "direct",
+            _ => "topic",
+        };
+        let options = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        self.channel
+            .exchange_declare(name.into(), kind, options, FieldTable::default())
+            .await
+            .map_err(|source| broker(format!("exchange `{name}`"), source))?;
+        self.done.push(Declared::Exchange {
+            name: name.to_owned(),
+            kind: kind_name,
+        });
+        Ok(())
+    }
+
+    async fn queue(
+        &mut self,
+        name: &str,
+        queue_type: &'static str,
+        args: FieldTable,
+    ) -> Result<(), TopologyError> {
+        let options = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        self.channel
+            .queue_declare(name.into(), options, args)
+            .await
+            .map_err(|source| match precondition_failed(&source) {
+                Some(detail) => TopologyError::Mismatch {
+                    queue: name.to_owned(),
+                    detail,
+                },
+                None => broker(format!("queue `{name}`"), source),
+            })?;
+        self.done.push(Declared::Queue {
+            name: name.to_owned(),
+            queue_type,
+        });
+        Ok(())
+    }
+
+    async fn bind_queue(
+        &mut self,
+        exchange: &str,
+        queue: &str,
+        key: &str,
+    ) -> Result<(), TopologyError> {
+        self.channel
+            .queue_bind(
+                queue.into(),
+                exchange.into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|source| broker(format!("binding `{exchange}` -> `{queue}`"), source))?;
+        self.binding(exchange, queue, key);
+        Ok(())
+    }
+
+    async fn bind_exchange(
+        &mut self,
+        source: &str,
+        destination: &str,
+        key: &str,
+    ) -> Result<(), TopologyError> {
+        self.channel
+            .exchange_bind(
+                destination.into(),
+                source.into(),
+                key.into(),
+                ExchangeBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|err| broker(format!("binding `{source}` -> `{destination}`"), err))?;
+        self.binding(source, destination, key);
+        Ok(())
+    }
+
+    fn binding(&mut self, source: &str, destination: &str, key: &str) {
+        self.done.push(Declared::Binding {
+            source: source.to_owned(),
+            destination: destination.to_owned(),
+            key: key.to_owned(),
+        });
+    }
+}
+
+fn broker(what: String, source: lapin::Error) -> TopologyError {
+    TopologyError::Broker { what, source }
+}
+
+/// The broker's explanation, if `error` is a `PRECONDITION_FAILED` channel close (RabbitMQ
+/// says e.g. "inequivalent arg 'x-queue-type' for queue 'q' in vhost '/': received 'classic'
+/// but current is 'quorum'").
+fn precondition_failed(error: &lapin::Error) -> Option<String> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(amqp)
+            if *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) =>
+        {
+            let text = amqp.get_message().as_str();
+            Some(text.trim_start_matches("PRECONDITION_FAILED - ").to_owned())
+        }
+        _ => None,
+    }
+}
+
+/// A name as an AMQP short string, or an error naming it when it is over 255 bytes.
+pub fn short(name: &str) -> Result<ShortString, NameError> {
+    ShortString::try_new(name).map_err(|_| NameError::Length(name.len()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_names() {
+        assert!(validate_queue_name("emails").is_ok());
+        assert!(validate_queue_name("orders.high-priority_2").is_ok());
+        for bad in [
+            "", "a..b", ".a", "a.", "a*", "a#", "a b", "amq.x", "warren.x", "x.dead",
+        ] {
+            assert!(validate_queue_name(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(validate_queue_name(&"q".repeat(MAX_QUEUE_NAME)).is_ok());
+        assert!(validate_queue_name(&"q".repeat(MAX_QUEUE_NAME + 1)).is_err());
+        // The longest name still fits in a delay routing key.
+        assert!(delay::routing_key(1, &"q".repeat(MAX_QUEUE_NAME)).len() <= 255);
+    }
+
+    #[test]
+    fn work_queues_dead_letter_to_their_own_dead_queue() {
+        let args = work_queue_arguments("emails", &QueueConfig::default());
+        let get = |k: &str| args.inner().get(k).cloned();
+        assert_eq!(
+            get("x-dead-letter-routing-key"),
+            Some(AMQPValue::LongString("emails.dead".into()))
+        );
+        assert_eq!(
+            get("x-queue-type"),
+            Some(AMQPValue::LongString("quorum".into()))
+        );
+        assert_eq!(get("x-delivery-limit"), Some(AMQPValue::LongLongInt(10)));
+        assert_eq!(
+            get("x-dead-letter-strategy"),
+            Some(AMQPValue::LongString("at-least-once".into()))
+        );
+    }
+
+    #[test]
+    fn delay_levels_chain_down_to_deliver() {
+        let top = delay_queue_arguments(delay::LEVELS - 1);
+        assert_eq!(
+            top.inner().get("x-dead-letter-exchange"),
+            Some(&AMQPValue::LongString(
+                delay_level(delay::LEVELS - 2).as_str().into()
+            ))
+        );
+        let bottom = delay_queue_arguments(0);
+        assert_eq!(
+            bottom.inner().get("x-message-ttl"),
+            Some(&AMQPValue::LongLongInt(1000))
+        );
+        assert_eq!(
+            bottom.inner().get("x-dead-letter-exchange"),
+            Some(&AMQPValue::LongString(DELAY_DELIVER_EXCHANGE.into()))
+        );
+    }
+}

@@ -1,0 +1,223 @@
+//! The `warren` command's subcommands: what each one reads, submits and prints.
+//!
+//! Standard output carries only results (job ids, one per line), so that `warren submit` can
+//! be piped; progress and summaries go to standard error.
+
+use std::io::{BufRead, IsTerminal, Read};
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use lapin::options::BasicGetOptions;
+use serde::Deserialize;
+use warren_core::envelope::{self, NewJob};
+
+use crate::Dispatcher;
+
+/// Where `warren submit` takes a single job's payload from.
+pub enum PayloadSource<'a> {
+    Inline(&'a str),
+    File(&'a Path),
+    Stdin,
+}
+
+/// `warren submit --queue Q --kind K ...`: submits one job and prints its id.
+pub async fn submit_one(
+    dispatcher: &Dispatcher,
+    queue: &str,
+    kind: &str,
+    payload: PayloadSource<'_>,
+    id: Option<String>,
+) -> anyhow::Result<()> {
+    let payload = match payload {
+        PayloadSource::Inline(text) => text.as_bytes().to_vec(),
+        PayloadSource::File(path) => std::fs::read(path)
+            .with_context(|| format!("reading payload file {}", path.display()))?,
+        PayloadSource::Stdin => {
+            let mut buffer = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut buffer)
+                .context("reading payload from stdin")?;
+            buffer
+        }
+    };
+    let mut job = NewJob::from_json_text(queue, kind, payload);
+    job.id = id;
+    let id = dispatcher.submit(job).await?;
+    println!("{id}");
+    Ok(())
+}
+
+/// One line of a `--file` job list.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobLine {
+    kind: String,
+    payload: serde_json::Value,
+    #[serde(default)]
+    id: Option<String>,
+}
+
+/// `warren submit --queue Q --file jobs.jsonl`: one job per line, `{"kind":..,"payload":..}`.
+///
+/// Every line is read and checked before anything is sent, so a bad line (reported with its
+/// number) means nothing was submitted. Then the jobs are pipelined; each confirmed id is
+/// printed in input order, and a job that fails is reported with its line number.
+pub async fn submit_file(dispatcher: &Dispatcher, queue: &str, file: &Path) -> anyhow::Result<()> {
+    let (jobs, lines) = read_job_lines(queue, file, dispatcher.config().jobs.max_payload_bytes)?;
+    let total = jobs.len() as u64;
+    let progress = progress_bar(total);
+    let mut results = std::pin::pin!(dispatcher.submit_all(jobs));
+    let (mut confirmed, mut failed) = (0u64, 0u64);
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut index = 0;
+    while let Some(result) = results.next().await {
+        match result {
+            Ok(id) => {
+                confirmed += 1;
+                use std::io::Write;
+                writeln!(out, "{id}").context("writing to stdout")?;
+            }
+            Err(err) => {
+                failed += 1;
+                progress.suspend(|| eprintln!("line {}: not submitted: {err}", lines[index]));
+            }
+        }
+        index += 1;
+        progress.inc(1);
+    }
+    drop(out);
+    progress.finish_and_clear();
+    eprintln!("{confirmed} of {total} jobs confirmed by the broker on queue `{queue}`");
+    if failed > 0 {
+        bail!("{failed} of {total} jobs were not submitted (see the lines above)");
+    }
+    Ok(())
+}
+
+/// Reads and checks every line; returns the jobs and their line numbers.
+fn read_job_lines(
+    queue: &str,
+    file: &Path,
+    max_payload: usize,
+) -> anyhow::Result<(Vec<NewJob>, Vec<usize>)> {
+    let reader: Box<dyn BufRead> = if file == Path::new("-") {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let f = std::fs::File::open(file)
+            .with_context(|| format!("opening job file {}", file.display()))?;
+        Box::new(std::io::BufReader::new(f))
+    };
+    let (mut jobs, mut numbers, mut errors) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, line) in reader.lines().enumerate() {
+        let number = i + 1;
+        let line = line.with_context(|| format!("reading line {number} of {}", file.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let checked = serde_json::from_str::<JobLine>(&line)
+            .map_err(|err| err.to_string())
+            .and_then(|parsed| {
+                let mut job = NewJob::new(queue, parsed.kind, &parsed.payload);
+                job.id = parsed.id;
+                job.encode(max_payload)
+                    .map(|_| job)
+                    .map_err(|err| err.to_string())
+            });
+        match checked {
+            Ok(job) => {
+                jobs.push(job);
+                numbers.push(number);
+            }
+            Err(err) => errors.push(format!("line {number}: {err}")),
+        }
+    }
+    if !errors.is_empty() {
+        for error in errors.iter().take(20) {
+            eprintln!("{error}");
+        }
+        bail!(
+            "{} bad line(s) in {} (expected {{\"kind\": \"...\", \"payload\": ...}} per line); \
+             no job was submitted",
+            errors.len(),
+            file.display()
+        );
+    }
+    Ok((jobs, numbers))
+}
+
+/// A progress bar on a terminal; nothing when stderr is piped.
+fn progress_bar(total: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    if let Ok(style) =
+        ProgressStyle::with_template("{bar:40} {pos}/{len} jobs confirmed ({per_sec}, eta {eta})")
+    {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// `warren topology apply`: declares everything and prints it.
+pub async fn apply_topology(
+    dispatcher: &Dispatcher,
+    extra_queues: &[String],
+) -> anyhow::Result<()> {
+    let mut queues: Vec<String> = dispatcher.config().queues.keys().cloned().collect();
+    for queue in extra_queues {
+        if !queues.contains(queue) {
+            queues.push(queue.clone());
+        }
+    }
+    let declared = dispatcher.apply_topology(&queues).await?;
+    for item in &declared {
+        println!("{item}");
+    }
+    eprintln!(
+        "declared {} exchanges, queues and bindings (idempotent)",
+        declared.len()
+    );
+    Ok(())
+}
+
+/// `warren peek --queue Q`: shows up to `count` messages of a queue (usually `<queue>.dead`)
+/// without removing them: they are fetched unacknowledged and handed back when the channel
+/// closes.
+pub async fn peek(dispatcher: &Dispatcher, queue: &str, count: usize) -> anyhow::Result<()> {
+    let channel = dispatcher.connection().create_channel().await?;
+    let name = warren_core::topology::short(queue)?;
+    let mut shown = 0;
+    while shown < count {
+        let got = channel
+            .basic_get(name.clone(), BasicGetOptions { no_ack: false })
+            .await
+            .with_context(|| format!("reading queue `{queue}`"))?;
+        let Some(message) = got else { break };
+        let props = &message.delivery.properties;
+        let text = |v: &Option<lapin::types::ShortString>| {
+            v.as_ref().map(|s| s.to_string()).unwrap_or("-".into())
+        };
+        let header = |key: &str| envelope::header_str(props, key).map(|s| s.into_owned());
+        let attempts = envelope::header_int(props, envelope::ATTEMPTS)
+            .or_else(|| envelope::header_int(props, envelope::ATTEMPT));
+        println!(
+            "{id}  kind={kind}  attempts={attempts}  class={class}  error={error}\n    payload: {body}",
+            id = text(props.message_id()),
+            kind = text(props.kind()),
+            attempts = attempts.map(|n| n.to_string()).unwrap_or("-".into()),
+            class = header(envelope::ERROR_CLASS).unwrap_or("-".into()),
+            error = header(envelope::ERROR).unwrap_or("-".into()),
+            body = String::from_utf8_lossy(&message.delivery.data),
+        );
+        shown += 1;
+    }
+    if shown == 0 {
+        println!("(queue `{queue}` is empty)");
+    }
+    let _ = channel.close(200, "peek done".into()).await;
+    Ok(())
+}

@@ -1,0 +1,117 @@
+//! Job handlers: what a worker runs for each job kind.
+//!
+//! A handler is an async function of the job's JSON payload and a [`JobContext`]. It returns
+//! `Ok(result)` when the job is done, [`JobError::Retry`] when a later attempt may succeed, or
+//! [`JobError::Permanent`] when no attempt can. Handlers are registered by kind in a
+//! [`Registry`]:
+//!
+//! ```
+//! use warren_workers::{JobError, Registry};
+//!
+//! let mut registry = Registry::new();
+//! registry.register("greet", |payload: serde_json::Value, ctx| async move {
+//!     let name = payload["name"].as_str().ok_or(JobError::permanent("no name"))?;
+//!     tracing::info!(job = %ctx.id, "hello {name}");
+//!     Ok(None)
+//! });
+//! ```
+//!
+//! A handler that panics or overruns its queue's `job_timeout` counts as a retryable failure;
+//! the worker process keeps running.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use serde_json::Value;
+use warren_core::JobId;
+
+/// What a handler knows about the job it runs.
+#[derive(Debug, Clone)]
+pub struct JobContext {
+    pub id: JobId,
+    pub kind: String,
+    pub queue: Arc<str>,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    /// True when the broker delivers this attempt again (a worker died while running it).
+    pub redelivered: bool,
+}
+
+/// A handler's result: `Ok(Some(value))` is done with a result, `Ok(None)` done without one.
+pub type HandlerResult = Result<Option<Value>, JobError>;
+
+/// A failed job, and whether trying again can help.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JobError {
+    /// A later attempt may succeed (a timeout, a service that is down): retried with backoff
+    /// while attempts are left, then dead-lettered.
+    #[error("{0}")]
+    Retry(String),
+    /// No attempt can succeed (bad input): dead-lettered at once.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl JobError {
+    pub fn retry(reason: impl Into<String>) -> JobError {
+        JobError::Retry(reason.into())
+    }
+
+    pub fn permanent(reason: impl Into<String>) -> JobError {
+        JobError::Permanent(reason.into())
+    }
+}
+
+/// Anything that can run a job. Implemented for every `Fn(Value, JobContext) -> Future`.
+pub trait Handler: Send + Sync + 'static {
+    fn call(&self, payload: Value, ctx: JobContext) -> BoxFuture<'static, HandlerResult>;
+}
+
+impl<F, Fut> Handler for F
+where
+    F: Fn(Value, JobContext) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = HandlerResult> + Send + 'static,
+{
+    fn call(&self, payload: Value, ctx: JobContext) -> BoxFuture<'static, HandlerResult> {
+        Box::pin(self(payload, ctx))
+    }
+}
+
+/// Handlers by job kind.
+#[derive(Clone, Default)]
+pub struct Registry {
+    handlers: HashMap<String, Arc<dyn Handler>>,
+}
+
+impl Registry {
+    pub fn new() -> Registry {
+        Registry::default()
+    }
+
+    /// Registers `handler` for jobs of `kind`, replacing any earlier one.
+    pub fn register(&mut self, kind: impl Into<String>, handler: impl Handler) -> &mut Registry {
+        self.handlers.insert(kind.into(), Arc::new(handler));
+        self
+    }
+
+    /// The handler for `kind`, if any.
+    pub fn get(&self, kind: &str) -> Option<Arc<dyn Handler>> {
+        self.handlers.get(kind).cloned()
+    }
+
+    /// The registered kinds, sorted.
+    pub fn kinds(&self) -> Vec<&str> {
+        let mut kinds: Vec<&str> = self.handlers.keys().map(String::as_str).collect();
+        kinds.sort_unstable();
+        kinds
+    }
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("kinds", &self.kinds())
+            .finish()
+    }
+}

@@ -1,0 +1,298 @@
+//! One delivery, from arrival to settlement. This is where a job is run, retried and
+//! dead-lettered.
+//!
+//! 1. **Decode** the message ([`Job::decode`]). A message that is not a job (not JSON, no id,
+//!    no kind, a spoofed attempt header, ...) is poison: dead-lettered with the reason, never
+//!    retried.
+//! 2. **Look up** the handler for the job's kind; an unknown kind is dead-lettered.
+//! 3. **Run** the handler under the queue's `job_timeout`, catching panics. An overrun or a
+//!    panic is a retryable failure.
+//! 4. **Settle**, always acking last, once what replaces the delivery is safely queued:
+//!    - done: ack;
+//!    - retryable with attempts left: publish a copy with `attempt + 1` into the delay
+//!      queues ([`warren_core::topology::delay_route`]), wait for its confirm, ack;
+//!    - permanent, or out of attempts: publish a copy with the failure headers to
+//!      `<queue>.dead`, wait for its confirm, ack.
+//!
+//! If the replacement cannot be published, the delivery is rejected back to its queue
+//! (`nack` with requeue) so the broker redelivers it: nothing is lost, at worst run again.
+//! If the channel is gone, lapin cannot send the ack (`Ok(false)`); the broker redelivers the
+//! job by itself, so that too is logged and counted as not done.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::{BasicProperties, Channel};
+use warren_core::config::QueueConfig;
+use warren_core::envelope::{self, DeadLetter, DeadReason, Job};
+use warren_core::publish::{self, PublishError};
+use warren_core::{delay, topology};
+
+use crate::handler::{JobContext, JobError, Registry};
+use crate::retry::{self, Next};
+
+/// What every job task of one worker process shares.
+pub(crate) struct Shared {
+    pub registry: Registry,
+    /// Confirm-mode channel on the publishing connection, for retries and dead letters.
+    pub publisher: Channel,
+    /// Written into dead letters (`x-warren-worker`).
+    pub worker_id: String,
+    pub max_payload_bytes: usize,
+    /// Deadline for a retry or dead-letter publish to be confirmed.
+    pub publish_timeout: Duration,
+}
+
+/// One work queue as the worker consumes it.
+pub(crate) struct QueueRuntime {
+    pub name: Arc<str>,
+    pub config: QueueConfig,
+}
+
+/// How a job ended, for the log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    Done,
+    Retried,
+    DeadLettered,
+    /// Handed back to the broker to be delivered again (settling failed).
+    Requeued,
+}
+
+/// Runs one delivery to its end. Never panics and never returns an error: every path settles
+/// the delivery or leaves it to the broker to redeliver.
+pub(crate) async fn process(shared: &Shared, queue: &QueueRuntime, delivery: Delivery) {
+    let started = Instant::now();
+    let job = match Job::decode(
+        &delivery.properties,
+        &delivery.data,
+        shared.max_payload_bytes,
+    ) {
+        Ok(job) => job,
+        Err(err) => {
+            tracing::warn!(queue = %queue.name, error = %err, "malformed message, dead-lettering it");
+            let dead = dead_letter(shared, queue, DeadReason::Malformed, err.to_string(), 0);
+            let outcome = dead_letter_and_ack(shared, queue, &delivery, dead).await;
+            log_outcome(outcome, &delivery.properties, queue, 0, started);
+            return;
+        }
+    };
+    let outcome = match shared.registry.get(&job.kind) {
+        None => {
+            let reason = format!(
+                "no handler for kind `{}` (this worker knows: {})",
+                job.kind,
+                shared.registry.kinds().join(", ")
+            );
+            tracing::warn!(job = %job.id, kind = %job.kind, "{reason}; dead-lettering it");
+            let dead = dead_letter(shared, queue, DeadReason::UnknownKind, reason, job.attempt);
+            dead_letter_and_ack(shared, queue, &delivery, dead).await
+        }
+        Some(handler) => {
+            let ctx = JobContext {
+                id: job.id.clone(),
+                kind: job.kind.clone(),
+                queue: queue.name.clone(),
+                attempt: job.attempt,
+                redelivered: delivery.redelivered,
+            };
+            let run = AssertUnwindSafe(handler.call(job.payload, ctx)).catch_unwind();
+            let result = match tokio::time::timeout(queue.config.job_timeout, run).await {
+                Err(_) => Err(JobError::retry(format!(
+                    "timed out after {}",
+                    humantime::format_duration(queue.config.job_timeout)
+                ))),
+                Ok(Err(panic)) => Err(JobError::retry(format!(
+                    "handler panicked: {}",
+                    panic_message(&panic)
+                ))),
+                Ok(Ok(result)) => result,
+            };
+            settle(shared, queue, &delivery, job.attempt, result).await
+        }
+    };
+    log_outcome(outcome, &delivery.properties, queue, job.attempt, started);
+}
+
+/// Step 4: ack, retry or dead-letter according to the handler's result.
+async fn settle(
+    shared: &Shared,
+    queue: &QueueRuntime,
+    delivery: &Delivery,
+    attempt: u32,
+    result: Result<Option<serde_json::Value>, JobError>,
+) -> Outcome {
+    match result {
+        Ok(result) => {
+            if let Some(value) = result {
+                tracing::debug!(%value, "job result");
+            }
+            ack(delivery, Outcome::Done).await
+        }
+        Err(JobError::Permanent(reason)) => {
+            tracing::warn!(error = %reason, "permanent failure, dead-lettering the job");
+            let dead = dead_letter(shared, queue, DeadReason::Permanent, reason, attempt);
+            dead_letter_and_ack(shared, queue, delivery, dead).await
+        }
+        Err(JobError::Retry(reason)) => match retry::next(&queue.config.retry, attempt) {
+            Next::Retry {
+                attempt: next,
+                delay,
+            } => {
+                let seconds = delay::whole_seconds(delay);
+                tracing::warn!(error = %reason, "attempt {attempt} failed, will be retried in {seconds}s as attempt {next}");
+                retry_and_ack(shared, queue, delivery, next, seconds).await
+            }
+            Next::GiveUp => {
+                let reason = format!("gave up after {attempt} attempts; last error: {reason}");
+                tracing::warn!("{reason}; dead-lettering the job");
+                let dead = dead_letter(shared, queue, DeadReason::Exhausted, reason, attempt);
+                dead_letter_and_ack(shared, queue, delivery, dead).await
+            }
+        },
+    }
+}
+
+/// Queues attempt `next` to arrive after `seconds`, then acks this delivery.
+async fn retry_and_ack(
+    shared: &Shared,
+    queue: &QueueRuntime,
+    delivery: &Delivery,
+    next: u32,
+    seconds: u64,
+) -> Outcome {
+    let (exchange, key) = match seconds {
+        0 => (topology::JOBS_EXCHANGE.to_owned(), queue.name.to_string()),
+        _ => topology::delay_route(seconds, &queue.name),
+    };
+    let properties = envelope::retry_properties(&delivery.properties, next);
+    let published = publish_copy(shared, &exchange, &key, delivery, properties).await;
+    settle_after_publish(delivery, published, Outcome::Retried).await
+}
+
+fn dead_letter(
+    shared: &Shared,
+    queue: &QueueRuntime,
+    reason: DeadReason,
+    error: String,
+    attempts: u32,
+) -> DeadLetter {
+    DeadLetter {
+        reason,
+        error,
+        attempts,
+        queue: queue.name.to_string(),
+        worker: shared.worker_id.clone(),
+    }
+}
+
+/// Publishes a copy with the failure headers to `<queue>.dead`, then acks this delivery.
+async fn dead_letter_and_ack(
+    shared: &Shared,
+    queue: &QueueRuntime,
+    delivery: &Delivery,
+    dead: DeadLetter,
+) -> Outcome {
+    let properties = dead.properties(&delivery.properties);
+    let key = topology::dead_queue(&queue.name);
+    let published = publish_copy(shared, topology::DEAD_EXCHANGE, &key, delivery, properties).await;
+    settle_after_publish(delivery, published, Outcome::DeadLettered).await
+}
+
+async fn publish_copy(
+    shared: &Shared,
+    exchange: &str,
+    key: &str,
+    delivery: &Delivery,
+    properties: BasicProperties,
+) -> Result<(), PublishError> {
+    // Queue names are validated to leave room for the delay prefix, so the key fits.
+    let key = key.into();
+    publish::publish(
+        &shared.publisher,
+        exchange,
+        key,
+        &delivery.data,
+        properties,
+        shared.publish_timeout,
+    )
+    .await
+}
+
+/// Acks once the replacement is queued; otherwise hands the delivery back to the broker.
+async fn settle_after_publish(
+    delivery: &Delivery,
+    published: Result<(), PublishError>,
+    then: Outcome,
+) -> Outcome {
+    match published {
+        Ok(()) => ack(delivery, then).await,
+        Err(err) => {
+            tracing::error!(error = %err, "could not queue the job's next step; requeueing it for redelivery");
+            let options = BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            };
+            if let Err(err) = delivery.acker.nack(options).await {
+                tracing::error!(error = %err, "nack failed; the broker will redeliver the job when the channel closes");
+            }
+            Outcome::Requeued
+        }
+    }
+}
+
+async fn ack(delivery: &Delivery, outcome: Outcome) -> Outcome {
+    match delivery.acker.ack(BasicAckOptions::default()).await {
+        Ok(true) => outcome,
+        Ok(false) => {
+            tracing::warn!("ack not sent: the channel is gone; the broker will redeliver the job");
+            Outcome::Requeued
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "ack failed; the broker will redeliver the job");
+            Outcome::Requeued
+        }
+    }
+}
+
+/// The one info line per job outcome.
+fn log_outcome(
+    outcome: Outcome,
+    properties: &BasicProperties,
+    queue: &QueueRuntime,
+    attempt: u32,
+    started: Instant,
+) {
+    let text = |v: &Option<lapin::types::ShortString>| {
+        v.as_ref().map(|s| s.to_string()).unwrap_or_default()
+    };
+    let outcome = match outcome {
+        Outcome::Done => "done",
+        Outcome::Retried => "retry scheduled",
+        Outcome::DeadLettered => "dead-lettered",
+        Outcome::Requeued => "requeued",
+    };
+    tracing::info!(
+        job = %text(properties.message_id()),
+        queue = %queue.name,
+        kind = %text(properties.kind()),
+        attempt,
+        outcome,
+        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "job {outcome}"
+    );
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(text) = panic.downcast_ref::<&str>() {
+        (*text).to_owned()
+    } else if let Some(text) = panic.downcast_ref::<String>() {
+        text.clone()
+    } else {
+        "(non-text panic payload)".to_owned()
+    }
+}
