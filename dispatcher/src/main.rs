@@ -78,6 +78,7 @@ async fn main() -> ExitCode {
                 .unwrap_or_else(|_| "warn,lapin=off".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,

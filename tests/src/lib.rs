@@ -1,1 +1,395 @@
-//! Helpers shared by the end-to-end tests.
+//! Helpers shared by Warren's end-to-end tests, which run against a real RabbitMQ.
+//!
+//! The broker comes from `scripts/broker start` (or `WARREN_AMQP_URL`). A missing broker fails
+//! the test loudly with instructions; nothing is skipped.
+//!
+//! Isolation: every test works on queues with unique names ([`unique_queue`]), so tests run in
+//! parallel and never see each other's jobs. The shared exchanges and delay levels are
+//! declared idempotently by everyone. Each test deletes its queues at the end ([`cleanup`]).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use serde_json::Value;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use warren_core::config::{Config, QueueConfig, RetryConfig};
+use warren_dispatcher::Dispatcher;
+use warren_workers::{JobContext, JobError, Registry, Worker, WorkerError};
+
+/// The broker the tests use.
+pub fn broker_url() -> String {
+    std::env::var(warren_core::config::AMQP_URL_ENV)
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
+}
+
+/// A queue name no other test uses: `t-<what>-<random>`.
+pub fn unique_queue(what: &str) -> String {
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    format!("t-{what}-{}", &id[id.len() - 12..])
+}
+
+/// A config for tests: the test broker, quick retries (1 s, ×2, no jitter), short grace.
+pub fn config(queues: &[&str]) -> Config {
+    let mut config = Config::default();
+    config.broker.url = broker_url();
+    config.worker.shutdown_grace = Duration::from_secs(10);
+    for queue in queues {
+        config.queues.insert((*queue).to_owned(), quick_queue());
+    }
+    config
+}
+
+/// Queue settings with 1 s, 2 s, 4 s ... retries and no jitter, so timings are predictable.
+pub fn quick_queue() -> QueueConfig {
+    QueueConfig {
+        retry: RetryConfig {
+            max_attempts: 3,
+            initial_delay: Duration::from_secs(1),
+            multiplier: 2.0,
+            max_delay: Duration::from_secs(60),
+            jitter: 0.0,
+        },
+        ..QueueConfig::default()
+    }
+}
+
+/// A raw connection, failing the test with instructions if the broker is not there.
+pub async fn connect() -> Connection {
+    let mut broker = Config::default().broker;
+    broker.url = broker_url();
+    match warren_core::connection::connect(&broker, "warren-tests").await {
+        Ok(connection) => connection,
+        Err(err) => panic!(
+            "these tests need a running RabbitMQ: {err}\n\
+             start one with `scripts/broker start` (or set WARREN_AMQP_URL)"
+        ),
+    }
+}
+
+/// A dispatcher on the test config, after declaring the test's queues.
+pub async fn dispatcher(config: &Config) -> Dispatcher {
+    let dispatcher = match Dispatcher::connect(config).await {
+        Ok(d) => d,
+        Err(err) => panic!("cannot connect: {err}\nstart a broker with `scripts/broker start`"),
+    };
+    let queues: Vec<String> = config.queues.keys().cloned().collect();
+    dispatcher
+        .apply_topology(&queues)
+        .await
+        .expect("declaring the test queues");
+    dispatcher
+}
+
+/// A worker running in this process, stopped with [`RunningWorker::stop`].
+pub struct RunningWorker {
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<Result<(), WorkerError>>,
+}
+
+/// Starts an in-process worker for `queues` with `registry`.
+pub fn start_worker(config: &Config, registry: Registry, queues: &[&str]) -> RunningWorker {
+    let shutdown = CancellationToken::new();
+    let worker = queues
+        .iter()
+        .fold(Worker::new(config.clone(), registry), |w, q| w.queue(*q));
+    let task = tokio::spawn(worker.run(shutdown.clone()));
+    RunningWorker { shutdown, task }
+}
+
+impl RunningWorker {
+    /// True while the worker task has not ended.
+    pub fn is_running(&self) -> bool {
+        !self.task.is_finished()
+    }
+
+    /// Cancels the worker and waits for it to return.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let result = tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("worker stops within 30 s")
+            .expect("worker task did not panic");
+        result.expect("worker ran without error");
+    }
+}
+
+/// One handler call, as seen by a [`Recorder`].
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub id: String,
+    pub attempt: u32,
+    pub payload: Value,
+    pub at: Instant,
+}
+
+/// Records every handler call, so tests can wait for and inspect them.
+#[derive(Clone, Default)]
+pub struct Recorder {
+    calls: Arc<Mutex<Vec<Call>>>,
+    changed: Arc<Notify>,
+}
+
+impl Recorder {
+    pub fn new() -> Recorder {
+        Recorder::default()
+    }
+
+    /// Registers `kind` so that each call is recorded, then answered by `answer`.
+    pub fn handle<F>(&self, registry: &mut Registry, kind: &str, answer: F)
+    where
+        F: Fn(&Call) -> Result<Option<Value>, JobError> + Send + Sync + 'static,
+    {
+        let recorder = self.clone();
+        let answer = Arc::new(answer);
+        registry.register(kind, move |payload: Value, ctx: JobContext| {
+            let recorder = recorder.clone();
+            let answer = answer.clone();
+            async move {
+                let call = Call {
+                    id: ctx.id.0.clone(),
+                    attempt: ctx.attempt,
+                    payload,
+                    at: Instant::now(),
+                };
+                let result = answer(&call);
+                recorder.push(call);
+                result
+            }
+        });
+    }
+
+    /// Records a call made by a hand-written handler.
+    pub fn push(&self, call: Call) {
+        self.calls.lock().expect("recorder lock").push(call);
+        self.changed.notify_waiters();
+    }
+
+    pub fn calls(&self) -> Vec<Call> {
+        self.calls.lock().expect("recorder lock").clone()
+    }
+
+    /// Waits until at least `n` calls were recorded; panics after `deadline`.
+    pub async fn wait_for(&self, n: usize, deadline: Duration) -> Vec<Call> {
+        let until = Instant::now() + deadline;
+        loop {
+            let notified = self.changed.notified();
+            let calls = self.calls();
+            if calls.len() >= n {
+                return calls;
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                panic!(
+                    "expected {n} handler calls within {deadline:?}, saw {}: {calls:?}",
+                    calls.len()
+                );
+            }
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), notified).await;
+        }
+    }
+}
+
+/// Takes (and acks) messages from `queue` until `n` arrived; panics after `deadline`.
+pub async fn take_messages(
+    channel: &Channel,
+    queue: &str,
+    n: usize,
+    deadline: Duration,
+) -> Vec<lapin::message::Delivery> {
+    let until = Instant::now() + deadline;
+    let mut got = Vec::new();
+    while got.len() < n {
+        let message = channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get");
+        match message {
+            Some(message) => got.push(message.delivery),
+            None if Instant::now() > until => {
+                panic!(
+                    "expected {n} messages in `{queue}` within {deadline:?}, got {}",
+                    got.len()
+                )
+            }
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    got
+}
+
+/// Ready messages in `queue` (unacked ones are not counted).
+pub async fn ready_count(channel: &Channel, queue: &str) -> u32 {
+    let options = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let queue = channel
+        .queue_declare(queue.into(), options, FieldTable::default())
+        .await
+        .expect("queue exists");
+    queue.message_count()
+}
+
+/// Deletes the test's queues and their dead-letter queues.
+pub async fn cleanup(channel: &Channel, queues: &[&str]) {
+    for queue in queues {
+        for name in [queue.to_string(), warren_core::topology::dead_queue(queue)] {
+            let _ = channel
+                .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+    }
+}
+
+/// A header of a delivered message as text.
+pub fn header(delivery: &lapin::message::Delivery, key: &str) -> Option<String> {
+    warren_core::envelope::header_str(&delivery.properties, key).map(|s| s.into_owned())
+}
+
+/// The path of a workspace binary (`warren` or `warren-worker`), built once per test run.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let root = workspace_root();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "--bins",
+                "-p",
+                "warren-dispatcher",
+                "-p",
+                "warren-workers",
+            ])
+            .current_dir(&root)
+            .status()
+            .expect("running cargo build for the binaries");
+        assert!(status.success(), "building the warren binaries failed");
+    });
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    target.join("debug").join(name)
+}
+
+/// The repository root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// A `warren-worker` process whose log goes to a file the test can read.
+pub struct WorkerProcess {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+/// Starts `warren-worker` on `queues` with the given extra environment.
+pub fn spawn_worker_process(
+    queues: &[&str],
+    concurrency: u16,
+    env: &HashMap<&str, String>,
+) -> WorkerProcess {
+    let log = std::env::temp_dir().join(format!(
+        "warren-worker-{}.log",
+        uuid::Uuid::now_v7().simple()
+    ));
+    let file = std::fs::File::create(&log).expect("creating the worker log");
+    let mut command = Command::new(binary("warren-worker"));
+    for queue in queues {
+        command.args(["--queue", queue]);
+    }
+    command
+        .args(["--concurrency", &concurrency.to_string()])
+        .env(warren_core::config::AMQP_URL_ENV, broker_url())
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .env_remove(warren_core::config::CONFIG_ENV)
+        .stdout(Stdio::from(file.try_clone().expect("log handle")))
+        .stderr(Stdio::from(file));
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let child = command.spawn().expect("starting warren-worker");
+    WorkerProcess { child, log }
+}
+
+impl WorkerProcess {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Job ids this worker logged as done.
+    pub fn done_ids(&self) -> Vec<String> {
+        done_ids(&self.log_text())
+    }
+
+    /// Waits until the log contains `needle`; panics after `deadline` with the log.
+    pub async fn wait_for_log(&self, needle: &str, deadline: Duration) {
+        let until = Instant::now() + deadline;
+        while !self.log_text().contains(needle) {
+            if Instant::now() > until {
+                panic!(
+                    "worker log never showed {needle:?} within {deadline:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sends a signal (`libc` numbers: 9 KILL, 15 TERM).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), self.child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits for the process to exit; returns its exit status.
+    pub async fn wait_exit(&mut self, deadline: Duration) -> std::process::ExitStatus {
+        let until = Instant::now() + deadline;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("checking the worker process") {
+                return status;
+            }
+            if Instant::now() > until {
+                let _ = self.child.kill();
+                panic!(
+                    "worker did not exit within {deadline:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Job ids in `log` lines that say a job is done.
+pub fn done_ids(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|line| line.contains("job done"))
+        .filter_map(|line| line.split("job=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
+}
