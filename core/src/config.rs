@@ -407,6 +407,18 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_config_file_is_valid() {
+        let config = Config::from_toml(include_str!("../../config/warren.toml")).expect("parses");
+        config.validate().expect("valid");
+        assert_eq!(
+            config.queue("default"),
+            QueueConfig::default(),
+            "it documents the defaults"
+        );
+        assert_eq!(config.queue("demo").retry.max_attempts, 3);
+    }
+
+    #[test]
     fn queue_sections_and_durations_parse() {
         let config = Config::from_toml(
             r#"

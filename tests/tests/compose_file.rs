@@ -1,0 +1,187 @@
+//! `docker-compose.yml` is valid Compose, and its services are shaped the way Warren relies on.
+//!
+//! There is no Docker engine on our machines, so this is how the compose file is checked: it is
+//! validated against the Compose Specification's JSON schema (kept in the steering repository at
+//! `shared/schemas/compose-spec.json`, beside this repository), and the properties that matter
+//! to Warren are asserted: workers scale (`docker compose up --scale worker=4`), wait for a
+//! healthy broker, and the broker has a health check. A missing schema fails the test; it is
+//! never skipped. No broker is needed.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+
+/// Given the repository's compose file, when validated against the Compose schema, then it
+/// passes with no error.
+#[test]
+fn compose_file_matches_the_compose_spec() {
+    let compose = compose_file();
+    let errors = schema_errors(&compose);
+    assert!(
+        errors.is_empty(),
+        "docker-compose.yml does not match the Compose Specification:\n  {}",
+        errors.join("\n  ")
+    );
+    let services = compose["services"]
+        .as_object()
+        .map(|s| s.len())
+        .unwrap_or(0);
+    println!(
+        "docker-compose.yml is valid against {} ({services} services)",
+        schema_path().display()
+    );
+}
+
+/// Given the compose file, then the worker service can be scaled (no fixed container name, no
+/// host ports) and starts only once RabbitMQ reports healthy, and RabbitMQ has a health check.
+#[test]
+fn worker_scales_and_waits_for_a_healthy_broker() {
+    let compose = compose_file();
+    let services = &compose["services"];
+
+    let worker = &services["worker"];
+    assert!(
+        worker.is_object(),
+        "docker-compose.yml has no `worker` service"
+    );
+    assert!(
+        worker.get("container_name").is_none(),
+        "the worker service must not set container_name: `--scale worker=N` needs distinct names"
+    );
+    assert!(
+        worker.get("ports").is_none(),
+        "the worker service must not publish host ports: scaled copies would clash"
+    );
+    assert_eq!(
+        worker["depends_on"]["rabbitmq"]["condition"], "service_healthy",
+        "the worker must wait for `rabbitmq` with `condition: service_healthy`"
+    );
+
+    let healthcheck = &services["rabbitmq"]["healthcheck"];
+    assert!(
+        healthcheck.is_object(),
+        "the rabbitmq service needs a healthcheck"
+    );
+    let test = match &healthcheck["test"] {
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(Value::as_str)
+            .collect::<Vec<_>>()
+            .join(" "),
+        other => other.as_str().unwrap_or_default().to_owned(),
+    };
+    assert!(
+        test.contains("rabbitmq-diagnostics") && test.contains("ping"),
+        "the rabbitmq healthcheck should run `rabbitmq-diagnostics -q ping`, found {test:?}"
+    );
+    for key in ["interval", "timeout", "retries", "start_period"] {
+        assert!(
+            healthcheck.get(key).is_some(),
+            "the rabbitmq healthcheck has no `{key}`"
+        );
+    }
+}
+
+/// Given the rabbitmq service, then the broker config files it mounts exist in the repository
+/// (Docker would otherwise create empty directories in their place).
+#[test]
+fn broker_config_files_it_mounts_exist() {
+    let compose = compose_file();
+    let volumes = compose["services"]["rabbitmq"]["volumes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mounted: Vec<&str> = volumes
+        .iter()
+        .filter_map(Value::as_str)
+        .filter_map(|volume| volume.split(':').next())
+        .filter(|source| source.starts_with("./"))
+        .collect();
+    assert!(
+        !mounted.is_empty(),
+        "the rabbitmq service mounts no files from the repository"
+    );
+    for source in mounted {
+        let path = repo_root().join(source);
+        assert!(
+            path.is_file(),
+            "the rabbitmq service mounts {source}, which does not exist"
+        );
+    }
+}
+
+/// Given broken copies of the compose file, when validated, then each is rejected: the check
+/// above can fail.
+#[test]
+fn schema_rejects_broken_compose_files() {
+    let compose = compose_file();
+
+    let mut ports_not_a_list = compose.clone();
+    ports_not_a_list["services"]["worker"]["ports"] = json!("notalist");
+
+    let mut unknown_top_level_key = compose.clone();
+    unknown_top_level_key["servicez"] = json!({});
+
+    let mut restart_not_a_string = compose.clone();
+    restart_not_a_string["services"]["worker"]["restart"] = json!(["always"]);
+
+    for (what, broken) in [
+        ("worker ports: \"notalist\"", ports_not_a_list),
+        ("unknown top-level key `servicez`", unknown_top_level_key),
+        ("worker restart: [\"always\"]", restart_not_a_string),
+    ] {
+        let errors = schema_errors(&broken);
+        assert!(
+            !errors.is_empty(),
+            "the schema accepted a compose file with {what}"
+        );
+        println!("rejected ({what}): {}", errors.join("; "));
+    }
+}
+
+// --- helpers ------------------------------------------------------------------------------------
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The Compose schema lives in the steering repository's `shared/`, cloned beside this one.
+fn schema_path() -> PathBuf {
+    repo_root().join("../shared/schemas/compose-spec.json")
+}
+
+/// `docker-compose.yml` as JSON.
+fn compose_file() -> Value {
+    let path = repo_root().join("docker-compose.yml");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|err| panic!("cannot read {}: {err}", path.display()));
+    serde_norway::from_str(&text)
+        .unwrap_or_else(|err| panic!("{} is not valid YAML: {err}", path.display()))
+}
+
+/// Every way `instance` breaks the Compose schema, as `path: message` lines.
+fn schema_errors(instance: &Value) -> Vec<String> {
+    let path = schema_path();
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|err| {
+        panic!(
+            "the Compose schema is missing: cannot read {}: {err}\n\
+             it comes from the steering repository's shared/schemas/ (cloned beside this \
+             repository); without it docker-compose.yml cannot be checked",
+            path.display()
+        )
+    });
+    let schema: Value = serde_json::from_str(&text)
+        .unwrap_or_else(|err| panic!("{} is not valid JSON: {err}", path.display()));
+    let validator = jsonschema::draft7::new(&schema)
+        .unwrap_or_else(|err| panic!("{} is not a usable draft-07 schema: {err}", path.display()));
+    validator
+        .iter_errors(instance)
+        .map(|err| {
+            let at = err.instance_path().to_string();
+            format!("{}: {err}", if at.is_empty() { "/" } else { &at })
+        })
+        .collect()
+}
