@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
+use lapin::BasicProperties;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::BasicProperties;
 use serde_json::json;
 use warren_core::envelope::{self, NewJob};
 use warren_core::topology;
@@ -27,36 +27,81 @@ async fn malformed_messages_are_dead_lettered_and_the_worker_survives() {
 
     let connection = connect().await;
     let raw = connection.create_channel().await.expect("channel");
-    raw.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
-    let job = |id: &str| BasicProperties::default().with_message_id(id.into()).with_type("echo".into());
+    raw.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let job = |id: &str| {
+        BasicProperties::default()
+            .with_message_id(id.into())
+            .with_type("echo".into())
+    };
     let mut spoofed = FieldTable::default();
-    spoofed.insert(envelope::ATTEMPT.into(), AMQPValue::LongString("many".into()));
+    spoofed.insert(
+        envelope::ATTEMPT.into(),
+        AMQPValue::LongString("many".into()),
+    );
     let bad: Vec<(BasicProperties, &[u8], &str)> = vec![
         (job("not-json"), b"this is not json", "JSON"),
-        (BasicProperties::default().with_type("echo".into()), b"{}", "message_id"),
-        (job("text").with_content_type("text/plain".into()), b"{}", "text/plain"),
-        (job("spoofed").with_headers(spoofed), b"{}", "x-warren-attempt"),
+        (
+            BasicProperties::default().with_type("echo".into()),
+            b"{}",
+            "message_id",
+        ),
+        (
+            job("text").with_content_type("text/plain".into()),
+            b"{}",
+            "text/plain",
+        ),
+        (
+            job("spoofed").with_headers(spoofed),
+            b"{}",
+            "x-warren-attempt",
+        ),
     ];
     for (properties, body, _) in &bad {
-        let options = BasicPublishOptions { mandatory: true, ..Default::default() };
-        raw.basic_publish(topology::JOBS_EXCHANGE.into(), queue.as_str().into(), options, body, properties.clone())
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        };
+        raw.basic_publish(
+            topology::JOBS_EXCHANGE.into(),
+            queue.as_str().into(),
+            options,
+            body,
+            properties.clone(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
     }
 
     let reader = connection.create_channel().await.expect("channel");
-    let dead = take_messages(&reader, &topology::dead_queue(&queue), bad.len(), Duration::from_secs(30)).await;
+    let dead = take_messages(
+        &reader,
+        &topology::dead_queue(&queue),
+        bad.len(),
+        Duration::from_secs(30),
+    )
+    .await;
     for ((_, body, reason), message) in bad.iter().zip(&dead) {
-        assert_eq!(header(message, envelope::ERROR_CLASS).as_deref(), Some("malformed"));
+        assert_eq!(
+            header(message, envelope::ERROR_CLASS).as_deref(),
+            Some("malformed")
+        );
         let error = header(message, envelope::ERROR).unwrap_or_default();
-        assert!(error.contains(reason), "{error:?} should mention {reason:?}");
+        assert!(
+            error.contains(reason),
+            "{error:?} should mention {reason:?}"
+        );
         assert_eq!(&message.data, body, "the original body is kept");
     }
 
     assert!(worker.is_running(), "the worker survives bad input");
-    dispatcher.submit(NewJob::new(&queue, "echo", &json!({}))).await.expect("submitted");
+    dispatcher
+        .submit(NewJob::new(&queue, "echo", &json!({})))
+        .await
+        .expect("submitted");
     recorder.wait_for(1, Duration::from_secs(30)).await;
     worker.stop().await;
     assert_eq!(ready_count(&reader, &queue).await, 0);

@@ -3,37 +3,55 @@
 
 use std::time::{Duration, Instant};
 
+use lapin::BasicProperties;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
-use lapin::BasicProperties;
-use warren_core::topology::{self, TopologyError};
 use warren_core::delay;
+use warren_core::topology::{self, TopologyError};
 use warren_tests::*;
 
 /// Given the delay levels, when messages are published with 1 s, 5 s and 70 s of delay, then
 /// each reaches its work queue no earlier than asked and less than a second late.
 #[tokio::test]
 async fn delays_of_1_5_and_70_seconds_arrive_on_time() {
-    let queues: Vec<String> = ["d1", "d5", "d70"].iter().map(|w| unique_queue(w)).collect();
+    let queues: Vec<String> = ["d1", "d5", "d70"]
+        .iter()
+        .map(|w| unique_queue(w))
+        .collect();
     let names: Vec<&str> = queues.iter().map(String::as_str).collect();
     let config = config(&names);
     let _dispatcher = dispatcher(&config).await;
     let connection = connect().await;
     let channel = connection.create_channel().await.expect("channel");
-    channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirms");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
 
     let mut waits = Vec::new();
     for (queue, seconds) in names.iter().zip([1u64, 5, 70]) {
         let (exchange, key) = topology::delay_route(seconds, queue);
         let sent = Instant::now();
-        let options = BasicPublishOptions { mandatory: true, ..Default::default() };
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        };
         let confirm = channel
-            .basic_publish(exchange.as_str().into(), key.as_str().into(), options, b"{}", BasicProperties::default())
+            .basic_publish(
+                exchange.as_str().into(),
+                key.as_str().into(),
+                options,
+                b"{}",
+                BasicProperties::default(),
+            )
             .await
             .expect("publish")
             .await
             .expect("confirm");
-        assert!(confirm.is_ack() && confirm.take_message().is_none(), "routed into the delay levels");
+        assert!(
+            confirm.is_ack() && confirm.take_message().is_none(),
+            "routed into the delay levels"
+        );
         let queue = queue.to_string();
         let channel = connection.create_channel().await.expect("channel");
         waits.push(tokio::spawn(async move {
@@ -44,8 +62,14 @@ async fn delays_of_1_5_and_70_seconds_arrive_on_time() {
     for wait in waits {
         let (asked, took) = wait.await.expect("wait task");
         println!("asked {asked} s, arrived after {took:?}");
-        assert!(took >= Duration::from_secs(asked) - Duration::from_millis(50), "{asked} s arrived early: {took:?}");
-        assert!(took < Duration::from_secs(asked) + Duration::from_secs(1), "{asked} s arrived late: {took:?}");
+        assert!(
+            took >= Duration::from_secs(asked) - Duration::from_millis(50),
+            "{asked} s arrived early: {took:?}"
+        );
+        assert!(
+            took < Duration::from_secs(asked) + Duration::from_secs(1),
+            "{asked} s arrived late: {took:?}"
+        );
     }
     cleanup(&channel, &names).await;
 }
@@ -59,10 +83,17 @@ async fn declaring_twice_is_harmless() {
     let connection = connect().await;
     let channel = connection.create_channel().await.expect("channel");
     let settings = config.queue(&queue);
-    let first = topology::declare(&channel, &[(&queue, &settings)]).await.expect("first declare");
-    let second = topology::declare(&channel, &[(&queue, &settings)]).await.expect("second declare");
+    let first = topology::declare(&channel, &[(&queue, &settings)])
+        .await
+        .expect("first declare");
+    let second = topology::declare(&channel, &[(&queue, &settings)])
+        .await
+        .expect("second declare");
     assert_eq!(first, second);
-    assert!(first.len() > 2 * delay::LEVELS as usize, "delay levels declared too");
+    assert!(
+        first.len() > 2 * delay::LEVELS as usize,
+        "delay levels declared too"
+    );
     cleanup(&channel, &[&queue]).await;
 }
 
@@ -74,15 +105,26 @@ async fn conflicting_queue_arguments_are_a_clear_error() {
     let config = config(&[&queue]);
     let connection = connect().await;
     let setup = connection.create_channel().await.expect("channel");
-    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
-    setup.queue_declare(queue.as_str().into(), durable, FieldTable::default()).await.expect("classic queue");
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    setup
+        .queue_declare(queue.as_str().into(), durable, FieldTable::default())
+        .await
+        .expect("classic queue");
 
     let channel = connection.create_channel().await.expect("channel");
     let settings = config.queue(&queue);
-    let err = topology::declare(&channel, &[(&queue, &settings)]).await.expect_err("mismatch");
+    let err = topology::declare(&channel, &[(&queue, &settings)])
+        .await
+        .expect_err("mismatch");
 
     match &err {
-        TopologyError::Mismatch { queue: named, detail } => {
+        TopologyError::Mismatch {
+            queue: named,
+            detail,
+        } => {
             assert_eq!(named, &queue);
             // RabbitMQ names the first argument it finds different (type, dead-letter exchange, ...).
             assert!(detail.contains("inequivalent arg 'x-"), "{detail}");
@@ -90,14 +132,24 @@ async fn conflicting_queue_arguments_are_a_clear_error() {
         other => panic!("expected a mismatch, got {other}"),
     }
     let text = err.to_string();
-    assert!(text.contains(&queue) && text.contains("inequivalent arg"), "{text}");
+    assert!(
+        text.contains(&queue) && text.contains("inequivalent arg"),
+        "{text}"
+    );
 
     // A worker started on that queue stops with the same clear error.
     let worker = start_worker(&config, warren_workers::Registry::new(), &[&queue]);
-    let result = tokio::time::timeout(Duration::from_secs(30), worker.task).await.expect("worker returns");
-    let worker_err = result.expect("no panic").expect_err("worker refuses to start");
+    let result = tokio::time::timeout(Duration::from_secs(30), worker.task)
+        .await
+        .expect("worker returns");
+    let worker_err = result
+        .expect("no panic")
+        .expect_err("worker refuses to start");
     let text = worker_err.to_string();
-    assert!(text.contains(&queue) && text.contains("inequivalent arg"), "{text}");
+    assert!(
+        text.contains(&queue) && text.contains("inequivalent arg"),
+        "{text}"
+    );
 
     let cleanup_channel = connection.create_channel().await.expect("channel");
     cleanup(&cleanup_channel, &[&queue]).await;
