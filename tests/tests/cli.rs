@@ -1,0 +1,580 @@
+//! The `warren` command as a user runs it: what it prints on stdout and stderr, its exit
+//! status, and what it leaves in the broker.
+//!
+//! Every run gets `WARREN_AMQP_URL` set to the test broker, `WARREN_CONFIG` removed unless the
+//! test sets it, and a working directory without a `config/warren.toml`, so no config file
+//! leaks in. Each run has a deadline; a hung command is killed and fails the test.
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use warren_tests::*;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Given a queue declared with `warren topology apply --queue Q`, when one job is submitted
+/// with an inline payload, a payload file and a payload on stdin, then each run exits 0 and
+/// prints exactly one job id line, and the queue holds those three jobs with their payloads.
+#[tokio::test]
+async fn topology_apply_then_submit_prints_one_id_per_job() {
+    let queue = unique_queue("cli-submit");
+    let channel = connect().await.create_channel().await.expect("channel");
+
+    let apply = Warren::new(&["topology", "apply", "--queue", &queue])
+        .run_async()
+        .await;
+    apply.assert_success();
+    assert!(
+        apply.stdout.contains("warren.jobs"),
+        "apply lists the jobs exchange:\n{}",
+        apply.stdout
+    );
+    assert!(
+        apply.stdout.lines().any(|line| line.contains(&queue)),
+        "apply lists the queue:\n{}",
+        apply.stdout
+    );
+
+    let inline = Warren::new(&[
+        "submit",
+        "--queue",
+        &queue,
+        "--kind",
+        "echo",
+        "--payload",
+        r#"{"a":1}"#,
+    ])
+    .run_async()
+    .await;
+    let inline_id = inline.single_id();
+
+    let dir = TempDir::new("cli-submit");
+    let payload_file = dir.write("payload.json", br#"{"from":"file"}"#);
+    let from_file = Warren::new(&[
+        "submit",
+        "--queue",
+        &queue,
+        "--kind",
+        "echo",
+        "--payload-file",
+    ])
+    .arg(payload_file.to_str().expect("utf-8 temp path"))
+    .run_async()
+    .await;
+    let file_id = from_file.single_id();
+
+    let from_stdin = Warren::new(&["submit", "--queue", &queue, "--kind", "echo"])
+        .stdin(br#"{"from":"stdin"}"#)
+        .run_async()
+        .await;
+    let stdin_id = from_stdin.single_id();
+
+    let messages = take_messages(&channel, &queue, 3, DEADLINE).await;
+    let got: Vec<(String, String)> = messages
+        .iter()
+        .map(|m| {
+            let id = m
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            (id, String::from_utf8_lossy(&m.data).into_owned())
+        })
+        .collect();
+    let want = [
+        (inline_id, r#"{"a":1}"#.to_owned()),
+        (file_id, r#"{"from":"file"}"#.to_owned()),
+        (stdin_id, r#"{"from":"stdin"}"#.to_owned()),
+    ];
+    assert_eq!(
+        got.iter().collect::<HashSet<_>>(),
+        want.iter().collect::<HashSet<_>>()
+    );
+    assert_eq!(
+        ready_count(&channel, &queue).await,
+        0,
+        "nothing else queued"
+    );
+    cleanup(&channel, &[&queue]).await;
+}
+
+/// Given a queue that was never declared, when a job is submitted to it, then the command
+/// exits non-zero and says that the queue does not exist, naming it.
+#[tokio::test]
+async fn submit_to_missing_queue_says_it_does_not_exist() {
+    let queue = unique_queue("cli-missing");
+    // The shared exchanges exist on any broker Warren ran on; make sure of it here, so the
+    // only thing missing is the queue.
+    let _shared = dispatcher(&config(&[])).await;
+
+    let run = Warren::new(&[
+        "submit",
+        "--queue",
+        &queue,
+        "--kind",
+        "echo",
+        "--payload",
+        "{}",
+    ])
+    .run_async()
+    .await;
+    run.assert_failure();
+    assert!(
+        run.stdout.trim().is_empty(),
+        "no id printed: {}",
+        run.stdout
+    );
+    assert!(
+        run.stderr.contains(&queue) && run.stderr.contains("does not exist"),
+        "stderr: {}",
+        run.stderr
+    );
+    let channel = connect().await.create_channel().await.expect("channel");
+    cleanup(&channel, &[&queue]).await;
+}
+
+/// Given a declared queue, when the payload is not JSON, then the command exits non-zero,
+/// says the payload is "not valid JSON", and nothing was queued.
+#[tokio::test]
+async fn invalid_json_payload_is_refused() {
+    let queue = unique_queue("cli-json");
+    let _dispatcher = dispatcher(&config(&[&queue])).await;
+
+    let run = Warren::new(&[
+        "submit",
+        "--queue",
+        &queue,
+        "--kind",
+        "echo",
+        "--payload",
+        r#"{"a":"#,
+    ])
+    .run_async()
+    .await;
+    run.assert_failure();
+    assert!(
+        run.stdout.trim().is_empty(),
+        "no id printed: {}",
+        run.stdout
+    );
+    assert!(
+        run.stderr.contains("not valid JSON"),
+        "stderr: {}",
+        run.stderr
+    );
+    let channel = connect().await.create_channel().await.expect("channel");
+    assert_eq!(ready_count(&channel, &queue).await, 0);
+    cleanup(&channel, &[&queue]).await;
+}
+
+/// Given a config file with `jobs.max_payload_bytes = 100` (via `WARREN_CONFIG`), when a
+/// 200-byte JSON payload is submitted, then the command exits non-zero, says it is "over the
+/// limit", and nothing was queued.
+#[tokio::test]
+async fn payload_over_the_configured_limit_is_refused() {
+    let queue = unique_queue("cli-limit");
+    let _dispatcher = dispatcher(&config(&[&queue])).await;
+    let dir = TempDir::new("cli-limit");
+    let config_file = dir.write("warren.toml", b"[jobs]\nmax_payload_bytes = 100\n");
+    let payload = format!(r#"{{"s":"{}"}}"#, "x".repeat(192));
+    assert_eq!(payload.len(), 200);
+
+    let run = Warren::new(&[
+        "submit",
+        "--queue",
+        &queue,
+        "--kind",
+        "echo",
+        "--payload",
+        &payload,
+    ])
+    .env("WARREN_CONFIG", &config_file)
+    .run_async()
+    .await;
+    run.assert_failure();
+    assert!(
+        run.stdout.trim().is_empty(),
+        "no id printed: {}",
+        run.stdout
+    );
+    assert!(
+        run.stderr.contains("over the limit"),
+        "stderr: {}",
+        run.stderr
+    );
+    let channel = connect().await.create_channel().await.expect("channel");
+    assert_eq!(ready_count(&channel, &queue).await, 0);
+    cleanup(&channel, &[&queue]).await;
+}
+
+/// Given a config file with a misspelt key (`[worker] concurency = 3`), when any command
+/// runs with it, then it exits non-zero and the error names the file and the key.
+#[test]
+fn config_with_unknown_key_names_the_file_and_the_key() {
+    let dir = TempDir::new("cli-typo");
+    let config_file = dir.write("warren.toml", b"[worker]\nconcurency = 3\n");
+
+    let run = Warren::new(&[
+        "submit",
+        "--queue",
+        "q",
+        "--kind",
+        "echo",
+        "--payload",
+        "{}",
+    ])
+    .env("WARREN_CONFIG", &config_file)
+    .run();
+    run.assert_failure();
+    assert!(
+        run.stderr.contains(&config_file.display().to_string()),
+        "stderr names {}: {}",
+        config_file.display(),
+        run.stderr
+    );
+    assert!(run.stderr.contains("concurency"), "stderr: {}", run.stderr);
+}
+
+/// Given a config file with an out-of-range value (`[queues.q.retry] multiplier = 0.1`), when
+/// any command runs with it, then it exits non-zero and the error names the file and the
+/// full key `queues.q.retry.multiplier`.
+#[test]
+fn config_with_bad_value_names_the_file_and_the_full_key() {
+    let dir = TempDir::new("cli-bad-value");
+    let config_file = dir.write("warren.toml", b"[queues.q.retry]\nmultiplier = 0.1\n");
+
+    let run = Warren::new(&[
+        "submit",
+        "--queue",
+        "q",
+        "--kind",
+        "echo",
+        "--payload",
+        "{}",
+    ])
+    .env("WARREN_CONFIG", &config_file)
+    .run();
+    run.assert_failure();
+    assert!(
+        run.stderr.contains(&config_file.display().to_string()),
+        "stderr names {}: {}",
+        config_file.display(),
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("queues.q.retry.multiplier"),
+        "stderr: {}",
+        run.stderr
+    );
+}
+
+/// Given no broker at the URL (port 1), when a job is submitted, then the command gives up
+/// within 15 s, exits non-zero and says it "cannot reach RabbitMQ".
+#[test]
+fn broker_down_fails_fast_with_a_clear_message() {
+    let run = Warren::new(&[
+        "submit",
+        "--queue",
+        "q",
+        "--kind",
+        "echo",
+        "--payload",
+        "{}",
+    ])
+    .env("WARREN_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")
+    .run();
+    println!("gave up after {:?}", run.took);
+    run.assert_failure();
+    assert!(
+        run.took < Duration::from_secs(15),
+        "took {:?} to give up",
+        run.took
+    );
+    assert!(
+        run.stderr.contains("cannot reach RabbitMQ"),
+        "stderr: {}",
+        run.stderr
+    );
+}
+
+/// Given a declared queue and a file of 50 job lines, when it is submitted with `--file`,
+/// then the command exits 0, prints 50 distinct ids, reports "50 of 50 jobs confirmed", and
+/// the queue holds exactly those 50 jobs.
+#[tokio::test]
+async fn submit_file_queues_every_line() {
+    let queue = unique_queue("cli-file");
+    let _dispatcher = dispatcher(&config(&[&queue])).await;
+    let dir = TempDir::new("cli-file");
+    let lines: String = (0..50)
+        .map(|i| format!("{{\"kind\":\"echo\",\"payload\":{{\"i\":{i}}}}}\n"))
+        .collect();
+    let jobs = dir.write("jobs.jsonl", lines.as_bytes());
+
+    let run = Warren::new(&["submit", "--queue", &queue, "--file"])
+        .arg(jobs.to_str().expect("utf-8 temp path"))
+        .run_async()
+        .await;
+    run.assert_success();
+    let ids: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(ids.len(), 50, "stdout: {}", run.stdout);
+    assert_eq!(
+        ids.iter().collect::<HashSet<_>>().len(),
+        50,
+        "ids are distinct"
+    );
+    assert!(
+        run.stderr.contains("50 of 50 jobs confirmed"),
+        "stderr: {}",
+        run.stderr
+    );
+
+    let channel = connect().await.create_channel().await.expect("channel");
+    assert_eq!(ready_count(&channel, &queue).await, 50);
+    let messages = take_messages(&channel, &queue, 50, DEADLINE).await;
+    let queued: HashSet<String> = messages
+        .iter()
+        .filter_map(|m| m.properties.message_id().as_ref().map(|s| s.to_string()))
+        .collect();
+    let printed: HashSet<String> = ids.iter().map(|s| s.to_string()).collect();
+    assert_eq!(queued, printed, "the printed ids are the queued jobs");
+    cleanup(&channel, &[&queue]).await;
+}
+
+/// Given a job file whose line 3 is `not json`, when it is submitted with `--file`, then the
+/// command exits non-zero, points at line 3, and submits no job at all (not even lines 1-2).
+#[tokio::test]
+async fn submit_file_with_a_bad_line_submits_nothing() {
+    let queue = unique_queue("cli-badline");
+    let _dispatcher = dispatcher(&config(&[&queue])).await;
+    let dir = TempDir::new("cli-badline");
+    let jobs = dir.write(
+        "jobs.jsonl",
+        b"{\"kind\":\"echo\",\"payload\":{\"i\":1}}\n\
+          {\"kind\":\"echo\",\"payload\":{\"i\":2}}\n\
+          not json\n\
+          {\"kind\":\"echo\",\"payload\":{\"i\":4}}\n",
+    );
+
+    let run = Warren::new(&["submit", "--queue", &queue, "--file"])
+        .arg(jobs.to_str().expect("utf-8 temp path"))
+        .run_async()
+        .await;
+    run.assert_failure();
+    assert!(
+        run.stdout.trim().is_empty(),
+        "no id printed: {}",
+        run.stdout
+    );
+    assert!(run.stderr.contains("line 3"), "stderr: {}", run.stderr);
+    let channel = connect().await.create_channel().await.expect("channel");
+    assert_eq!(
+        ready_count(&channel, &queue).await,
+        0,
+        "no job was submitted"
+    );
+    cleanup(&channel, &[&queue]).await;
+}
+
+/// Given a declared queue, when job lines are piped in with `--file -`, then each is
+/// submitted and its id printed.
+#[tokio::test]
+async fn submit_file_dash_reads_stdin() {
+    let queue = unique_queue("cli-stdin");
+    let _dispatcher = dispatcher(&config(&[&queue])).await;
+
+    let run = Warren::new(&["submit", "--queue", &queue, "--file", "-"])
+        .stdin(
+            b"{\"kind\":\"echo\",\"payload\":{\"i\":1}}\n\
+              {\"kind\":\"echo\",\"payload\":{\"i\":2}}\n\
+              {\"kind\":\"echo\",\"payload\":{\"i\":3}}\n",
+        )
+        .run_async()
+        .await;
+    run.assert_success();
+    assert_eq!(run.stdout.lines().count(), 3, "stdout: {}", run.stdout);
+    assert!(
+        run.stderr.contains("3 of 3 jobs confirmed"),
+        "stderr: {}",
+        run.stderr
+    );
+    let channel = connect().await.create_channel().await.expect("channel");
+    assert_eq!(ready_count(&channel, &queue).await, 3);
+    cleanup(&channel, &[&queue]).await;
+}
+
+/// One run of the `warren` binary.
+struct Warren {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    stdin: Option<Vec<u8>>,
+}
+
+/// What a run printed and how it ended.
+#[derive(Debug)]
+struct Run {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+    took: Duration,
+}
+
+impl Warren {
+    fn new(args: &[&str]) -> Warren {
+        Warren {
+            args: args.iter().map(|s| (*s).to_owned()).collect(),
+            env: Vec::new(),
+            stdin: None,
+        }
+    }
+
+    fn arg(mut self, arg: &str) -> Warren {
+        self.args.push(arg.to_owned());
+        self
+    }
+
+    fn env(mut self, key: &str, value: impl AsRef<std::ffi::OsStr>) -> Warren {
+        let value = value.as_ref().to_string_lossy().into_owned();
+        self.env.push((key.to_owned(), value));
+        self
+    }
+
+    fn stdin(mut self, bytes: &[u8]) -> Warren {
+        self.stdin = Some(bytes.to_vec());
+        self
+    }
+
+    /// Runs the command on a blocking thread, for async tests.
+    async fn run_async(self) -> Run {
+        tokio::task::spawn_blocking(move || self.run())
+            .await
+            .expect("the warren run did not panic")
+    }
+
+    /// Runs the command to its end; kills it and panics after [`DEADLINE`].
+    fn run(self) -> Run {
+        let mut command = Command::new(binary("warren"));
+        command
+            .args(&self.args)
+            .current_dir(std::env::temp_dir())
+            .env(warren_core::config::AMQP_URL_ENV, broker_url())
+            .env_remove(warren_core::config::CONFIG_ENV)
+            .env("NO_COLOR", "1")
+            .stdin(if self.stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (key, value) in &self.env {
+            command.env(key, value);
+        }
+        let started = Instant::now();
+        let mut child = command.spawn().expect("starting warren");
+        if let (Some(bytes), Some(mut pipe)) = (self.stdin, child.stdin.take()) {
+            std::thread::spawn(move || {
+                let _ = pipe.write_all(&bytes);
+            });
+        }
+        let stdout = read_in_background(child.stdout.take());
+        let stderr = read_in_background(child.stderr.take());
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("checking the warren process") {
+                break status;
+            }
+            if started.elapsed() > DEADLINE {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "`warren {}` did not exit within {DEADLINE:?}",
+                    self.args.join(" ")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let took = started.elapsed();
+        let stdout = stdout.join().expect("stdout reader");
+        let stderr = stderr.join().expect("stderr reader");
+        Run {
+            status,
+            stdout,
+            stderr,
+            took,
+        }
+    }
+}
+
+impl Run {
+    fn assert_success(&self) {
+        assert!(
+            self.status.success(),
+            "expected exit 0, got {}\nstdout: {}\nstderr: {}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+    }
+
+    fn assert_failure(&self) {
+        assert!(
+            !self.status.success() && self.status.code().is_some(),
+            "expected a non-zero exit code, got {}\nstdout: {}\nstderr: {}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+    }
+
+    /// Asserts exit 0 and exactly one non-empty line on stdout; returns it (the job id).
+    fn single_id(&self) -> String {
+        self.assert_success();
+        let lines: Vec<&str> = self.stdout.lines().collect();
+        assert_eq!(lines.len(), 1, "one id line on stdout: {:?}", self.stdout);
+        let id = lines[0].trim();
+        assert!(
+            !id.is_empty() && !id.contains(char::is_whitespace),
+            "an id: {id:?}"
+        );
+        id.to_owned()
+    }
+}
+
+fn read_in_background<R: Read + Send + 'static>(
+    pipe: Option<R>,
+) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_string(&mut text);
+        }
+        text
+    })
+}
+
+/// A temporary directory removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(what: &str) -> TempDir {
+        let path =
+            std::env::temp_dir().join(format!("warren-{what}-{}", uuid::Uuid::now_v7().simple()));
+        std::fs::create_dir_all(&path).expect("creating a temp dir");
+        TempDir(path)
+    }
+
+    fn write(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, bytes).expect("writing a temp file");
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,232 @@
+//! Real `warren-worker` processes against a real broker: a killed worker's job goes to
+//! another worker, SIGTERM drains the running job before exiting, and two workers share a
+//! batch so that every job is done exactly once.
+//!
+//! Jobs are submitted with the library dispatcher, which declares the test queue before any
+//! worker process starts, so a submit never races the worker's own declare.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::Channel;
+use serde_json::json;
+use warren_core::envelope::NewJob;
+use warren_tests::*;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Given a worker process with concurrency 1 running a 3 s `sleep` job, when the process is
+/// killed with SIGKILL mid-job and a second worker starts on the same queue, then the broker
+/// redelivers the job to the second worker, which logs it done, and the killed worker never
+/// logged it done.
+#[tokio::test]
+async fn sigkilled_worker_job_is_redelivered_to_another_worker() {
+    let queue = unique_queue("kill");
+    let config = config(&[&queue]);
+    let dispatcher = dispatcher(&config).await;
+    let channel = connect().await.create_channel().await.expect("channel");
+    let no_env = HashMap::new();
+    let mut first = spawn_worker_process(&[&queue], 1, &no_env);
+    first.wait_for_log("worker started", DEADLINE).await;
+
+    let id = dispatcher
+        .submit(NewJob::new(&queue, "sleep", &json!({"ms": 3000})))
+        .await
+        .expect("submitted")
+        .0;
+    wait_until_delivered(&channel, &queue, DEADLINE).await;
+    assert!(
+        first.done_ids().is_empty(),
+        "the job is still running when the worker is killed:\n{}",
+        first.log_text()
+    );
+    let killed_at = Instant::now();
+    first.signal("9");
+    let status = first.wait_exit(DEADLINE).await;
+    assert!(!status.success(), "a SIGKILLed worker does not exit 0");
+
+    let second = spawn_worker_process(&[&queue], 1, &no_env);
+    second
+        .wait_for_log(&format!("job done job={id}"), DEADLINE)
+        .await;
+    println!(
+        "redelivered job done by the second worker {:?} after the kill",
+        killed_at.elapsed()
+    );
+    assert_eq!(
+        second.done_ids(),
+        std::slice::from_ref(&id),
+        "done once, by the second"
+    );
+    assert!(
+        !first.log_text().contains(&format!("job done job={id}")),
+        "the killed worker never finished the job:\n{}",
+        first.log_text()
+    );
+    assert_eq!(ready_count(&channel, &queue).await, 0);
+
+    remove_logs(&[&first, &second]);
+    drop(second);
+    cleanup(&channel, &[&queue]).await;
+}
+
+/// Given a worker process with concurrency 1 running a 2 s `sleep` job, when it receives
+/// SIGTERM mid-job, then it lets the job finish, logs it done, and exits 0 within 20 s; the
+/// job was acked, so the queue holds no ready message afterwards.
+#[tokio::test]
+async fn sigterm_lets_the_running_job_finish_then_exits_0() {
+    let queue = unique_queue("term");
+    let config = config(&[&queue]);
+    let dispatcher = dispatcher(&config).await;
+    let channel = connect().await.create_channel().await.expect("channel");
+    let mut worker = spawn_worker_process(&[&queue], 1, &HashMap::new());
+    worker.wait_for_log("worker started", DEADLINE).await;
+
+    let id = dispatcher
+        .submit(NewJob::new(&queue, "sleep", &json!({"ms": 2000})))
+        .await
+        .expect("submitted")
+        .0;
+    wait_until_delivered(&channel, &queue, DEADLINE).await;
+    assert!(
+        worker.done_ids().is_empty(),
+        "the job is still running when SIGTERM arrives:\n{}",
+        worker.log_text()
+    );
+    let signalled = Instant::now();
+    worker.signal("15");
+    let status = worker.wait_exit(Duration::from_secs(20)).await;
+    let took = signalled.elapsed();
+    println!("worker exited {took:?} after SIGTERM with {status}");
+
+    assert!(
+        status.success(),
+        "exit status {status}, log:\n{}",
+        worker.log_text()
+    );
+    assert!(
+        worker.log_text().contains(&format!("job done job={id}")),
+        "the in-flight job finished before the exit:\n{}",
+        worker.log_text()
+    );
+    assert_eq!(worker.done_ids(), [id]);
+    assert_eq!(
+        ready_count(&channel, &queue).await,
+        0,
+        "the job was acked, not handed back to the queue"
+    );
+
+    remove_logs(&[&worker]);
+    cleanup(&channel, &[&queue]).await;
+}
+
+/// Given two worker processes (concurrency 16 each) on the same queue, when 1,000 `echo`
+/// jobs are submitted as one batch, then every submitted id is logged done exactly once
+/// across both workers, both workers did some of the work, and both exit 0 on SIGTERM.
+#[tokio::test]
+async fn two_workers_share_1000_jobs_exactly_once() {
+    const JOBS: usize = 1000;
+    let queue = unique_queue("share");
+    let config = config(&[&queue]);
+    let dispatcher = dispatcher(&config).await;
+    let channel = connect().await.create_channel().await.expect("channel");
+    let no_env = HashMap::new();
+    let mut workers = [
+        spawn_worker_process(&[&queue], 16, &no_env),
+        spawn_worker_process(&[&queue], 16, &no_env),
+    ];
+    for worker in &workers {
+        worker.wait_for_log("worker started", DEADLINE).await;
+    }
+
+    let started = Instant::now();
+    let jobs = (0..JOBS).map(|i| NewJob::new(&queue, "echo", &json!({"i": i})));
+    let results: Vec<_> = dispatcher.submit_all(jobs).collect().await;
+    let submitted: Vec<String> = results
+        .into_iter()
+        .enumerate()
+        .map(|(i, result)| match result {
+            Ok(id) => id.0,
+            Err(err) => panic!("job {i} was not submitted: {err}"),
+        })
+        .collect();
+    println!("submitted {JOBS} jobs in {:?}", started.elapsed());
+    let submitted_set: HashSet<&String> = submitted.iter().collect();
+    assert_eq!(submitted_set.len(), JOBS, "every job got its own id");
+
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let done: HashSet<String> = workers.iter().flat_map(|w| w.done_ids()).collect();
+        if done.len() >= JOBS {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "only {} of {JOBS} jobs were done within 60 s",
+            done.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "all {JOBS} jobs done {:?} after submitting",
+        started.elapsed()
+    );
+
+    let per_worker: Vec<Vec<String>> = workers.iter().map(|w| w.done_ids()).collect();
+    for (n, done) in per_worker.iter().enumerate() {
+        println!("worker {} did {} jobs", n + 1, done.len());
+    }
+    let all: Vec<&String> = per_worker.iter().flatten().collect();
+    let mut seen = HashSet::new();
+    let twice: Vec<&&String> = all.iter().filter(|id| !seen.insert(**id)).collect();
+    assert!(twice.is_empty(), "ids done more than once: {twice:?}");
+    assert_eq!(seen, submitted_set, "the done ids are the submitted ids");
+    assert!(
+        per_worker.iter().all(|done| !done.is_empty()),
+        "both workers did some jobs: {:?}",
+        per_worker.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+
+    for worker in &workers {
+        worker.signal("15");
+    }
+    for worker in &mut workers {
+        let status = worker.wait_exit(DEADLINE).await;
+        assert!(
+            status.success(),
+            "exit status {status}, log:\n{}",
+            worker.log_text()
+        );
+    }
+    assert_eq!(ready_count(&channel, &queue).await, 0);
+
+    remove_logs(&workers.iter().collect::<Vec<_>>());
+    cleanup(&channel, &[&queue]).await;
+}
+
+/// Waits until `queue` has no ready message, i.e. the submitted job was delivered to a
+/// consumer (submits are confirmed, so the job was in the queue before); panics after
+/// `deadline`.
+async fn wait_until_delivered(channel: &Channel, queue: &str, deadline: Duration) {
+    let until = Instant::now() + deadline;
+    loop {
+        let ready = ready_count(channel, queue).await;
+        if ready == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "{ready} job(s) still ready in `{queue}` after {deadline:?}: no worker took them"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Deletes the log files of workers whose test passed (a failing test keeps them, and its
+/// panic message shows their text).
+fn remove_logs(workers: &[&WorkerProcess]) {
+    for worker in workers {
+        let _ = std::fs::remove_file(&worker.log);
+    }
+}
