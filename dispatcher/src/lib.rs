@@ -43,8 +43,21 @@ pub enum SubmitError {
          `warren topology apply --queue {0}`)"
     )]
     UnknownQueue(String),
+    #[error(
+        "exchange `{}` does not exist on the broker: Warren's topology was never declared here \
+         (start a worker, or run `warren topology apply`)",
+        topology::JOBS_EXCHANGE
+    )]
+    NoTopology,
     #[error(transparent)]
     Publish(PublishError),
+}
+
+/// True for the channel error RabbitMQ raises on a publish to a missing exchange.
+fn is_not_found(error: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(e)
+        if *e.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
 }
 
 /// Why the dispatcher could not start.
@@ -88,6 +101,7 @@ impl Dispatcher {
         match result {
             Ok(()) => Ok(message.id),
             Err(PublishError::Unroutable { .. }) => Err(SubmitError::UnknownQueue(job.queue)),
+            Err(PublishError::Channel(err)) if is_not_found(&err) => Err(SubmitError::NoTopology),
             Err(err) => Err(SubmitError::Publish(err)),
         }
     }

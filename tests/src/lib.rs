@@ -393,3 +393,49 @@ pub fn done_ids(log: &str) -> Vec<String> {
         .map(str::to_owned)
         .collect()
 }
+
+/// Runs `rabbitmqctl` against the local test broker (through `scripts/broker ctl`).
+pub fn broker_ctl(args: &[&str]) -> String {
+    let output = Command::new(workspace_root().join("scripts/broker"))
+        .arg("ctl")
+        .args(args)
+        .output()
+        .expect("running scripts/broker ctl");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "rabbitmqctl {args:?} failed: {text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    text
+}
+
+/// A fresh vhost that guest may use, deleted when dropped: for tests that need a broker
+/// where Warren never ran.
+pub struct TempVhost {
+    pub name: String,
+}
+
+impl TempVhost {
+    pub fn new(what: &str) -> TempVhost {
+        let name = unique_queue(what);
+        broker_ctl(&["add_vhost", &name]);
+        broker_ctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+        TempVhost { name }
+    }
+
+    /// The broker URL with this vhost.
+    pub fn url(&self) -> String {
+        let base = broker_url();
+        let without_vhost = base.rsplit_once('/').map(|(head, _)| head).unwrap_or(&base);
+        format!("{without_vhost}/{}", self.name)
+    }
+}
+
+impl Drop for TempVhost {
+    fn drop(&mut self) {
+        let _ = Command::new(workspace_root().join("scripts/broker"))
+            .args(["ctl", "delete_vhost", &self.name])
+            .output();
+    }
+}

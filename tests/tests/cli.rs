@@ -137,6 +137,38 @@ async fn submit_to_missing_queue_says_it_does_not_exist() {
     cleanup(&channel, &[&queue]).await;
 }
 
+/// Given a broker (vhost) where Warren's topology was never declared, when a job is
+/// submitted, then the command says the topology is missing and how to declare it.
+#[tokio::test]
+async fn submit_before_any_topology_says_how_to_declare_it() {
+    let vhost = tokio::task::spawn_blocking(|| TempVhost::new("cli-bare"))
+        .await
+        .expect("vhost");
+
+    let run = Warren::new(&[
+        "submit",
+        "--queue",
+        "anything",
+        "--kind",
+        "echo",
+        "--payload",
+        "{}",
+    ])
+    .env(warren_core::config::AMQP_URL_ENV, vhost.url())
+    .run_async()
+    .await;
+
+    run.assert_failure();
+    assert!(
+        run.stderr.contains("never declared") && run.stderr.contains("warren topology apply"),
+        "stderr: {}",
+        run.stderr
+    );
+    tokio::task::spawn_blocking(move || drop(vhost))
+        .await
+        .expect("vhost deleted");
+}
+
 /// Given a declared queue, when the payload is not JSON, then the command exits non-zero,
 /// says the payload is "not valid JSON", and nothing was queued.
 #[tokio::test]
