@@ -27,6 +27,8 @@ pub enum PublishError {
     },
     #[error("the broker refused the message (nack) on exchange `{exchange}`")]
     Nacked { exchange: String },
+    #[error("the channel is not in confirm mode, so the broker gave no proof of receipt")]
+    NotConfirmed,
     #[error("no confirm from the broker within {0:?}")]
     Timeout(Duration),
     #[error("publishing failed: {0}")]
@@ -99,8 +101,8 @@ impl Pending {
             Confirmation::Nack(_) => Err(PublishError::Nacked {
                 exchange: self.exchange,
             }),
-            // Only reachable on a channel without confirm.select, which Warren never publishes on.
-            Confirmation::NotRequested => Ok(()),
+            // A channel without confirm.select: no proof, so no success.
+            Confirmation::NotRequested => Err(PublishError::NotConfirmed),
         }
     }
 }

@@ -166,6 +166,16 @@ impl Recorder {
         });
     }
 
+    /// Records a call made by a hand-written handler, from its arguments.
+    pub fn record(&self, payload: Value, ctx: &JobContext) {
+        self.push(Call {
+            id: ctx.id.0.clone(),
+            attempt: ctx.attempt,
+            payload,
+            at: Instant::now(),
+        });
+    }
+
     /// Records a call made by a hand-written handler.
     pub fn push(&self, call: Call) {
         self.calls.lock().expect("recorder lock").push(call);

@@ -243,65 +243,47 @@ async fn payload_over_the_configured_limit_is_refused() {
     cleanup(&channel, &[&queue]).await;
 }
 
-/// Given a config file with a misspelt key (`[worker] concurency = 3`), when any command
-/// runs with it, then it exits non-zero and the error names the file and the key.
+/// Given a config file with a misspelt key or an out-of-range value, when any command runs
+/// with it, then it exits non-zero and the error names the file and the full key.
 #[test]
-fn config_with_unknown_key_names_the_file_and_the_key() {
-    let dir = TempDir::new("cli-typo");
-    let config_file = dir.write("warren.toml", b"[worker]\nconcurency = 3\n");
+fn bad_config_files_name_the_file_and_the_key() {
+    let cases: [(&str, &[u8], &str); 2] = [
+        ("cli-typo", b"[worker]\nconcurency = 3\n", "concurency"),
+        (
+            "cli-bad-value",
+            b"[queues.q.retry]\nmultiplier = 0.1\n",
+            "queues.q.retry.multiplier",
+        ),
+    ];
+    for (name, text, key) in cases {
+        let dir = TempDir::new(name);
+        let config_file = dir.write("warren.toml", text);
 
-    let run = Warren::new(&[
-        "submit",
-        "--queue",
-        "q",
-        "--kind",
-        "echo",
-        "--payload",
-        "{}",
-    ])
-    .env("WARREN_CONFIG", &config_file)
-    .run();
-    run.assert_failure();
-    assert!(
-        run.stderr.contains(&config_file.display().to_string()),
-        "stderr names {}: {}",
-        config_file.display(),
-        run.stderr
-    );
-    assert!(run.stderr.contains("concurency"), "stderr: {}", run.stderr);
-}
+        let run = Warren::new(&[
+            "submit",
+            "--queue",
+            "q",
+            "--kind",
+            "echo",
+            "--payload",
+            "{}",
+        ])
+        .env("WARREN_CONFIG", &config_file)
+        .run();
 
-/// Given a config file with an out-of-range value (`[queues.q.retry] multiplier = 0.1`), when
-/// any command runs with it, then it exits non-zero and the error names the file and the
-/// full key `queues.q.retry.multiplier`.
-#[test]
-fn config_with_bad_value_names_the_file_and_the_full_key() {
-    let dir = TempDir::new("cli-bad-value");
-    let config_file = dir.write("warren.toml", b"[queues.q.retry]\nmultiplier = 0.1\n");
-
-    let run = Warren::new(&[
-        "submit",
-        "--queue",
-        "q",
-        "--kind",
-        "echo",
-        "--payload",
-        "{}",
-    ])
-    .env("WARREN_CONFIG", &config_file)
-    .run();
-    run.assert_failure();
-    assert!(
-        run.stderr.contains(&config_file.display().to_string()),
-        "stderr names {}: {}",
-        config_file.display(),
-        run.stderr
-    );
-    assert!(
-        run.stderr.contains("queues.q.retry.multiplier"),
-        "stderr: {}",
-        run.stderr
-    );
+        run.assert_failure();
+        let file = config_file.display().to_string();
+        assert!(
+            run.stderr.contains(&file),
+            "stderr names {file}: {}",
+            run.stderr
+        );
+        assert!(
+            run.stderr.contains(key),
+            "stderr names {key}: {}",
+            run.stderr
+        );
+    }
 }
 
 /// Given no broker at the URL (port 1), when a job is submitted, then the command gives up

@@ -240,12 +240,7 @@ async fn handler_panic_is_retried() {
         move |payload: serde_json::Value, ctx: warren_workers::JobContext| {
             let seen = seen.clone();
             async move {
-                seen.push(Call {
-                    id: ctx.id.0.clone(),
-                    attempt: ctx.attempt,
-                    payload,
-                    at: std::time::Instant::now(),
-                });
+                seen.record(payload, &ctx);
                 if ctx.attempt == 1 {
                     panic!("kaboom");
                 }
@@ -293,12 +288,7 @@ async fn overrunning_handler_times_out_and_is_retried() {
         move |payload: serde_json::Value, ctx: warren_workers::JobContext| {
             let seen = seen.clone();
             async move {
-                seen.push(Call {
-                    id: ctx.id.0.clone(),
-                    attempt: ctx.attempt,
-                    payload,
-                    at: std::time::Instant::now(),
-                });
+                seen.record(payload, &ctx);
                 if ctx.attempt == 1 {
                     tokio::time::sleep(Duration::from_secs(3600)).await;
                 }

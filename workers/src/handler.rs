@@ -6,11 +6,11 @@
 //! [`Registry`]:
 //!
 //! ```
-//! use warren_workers::{JobError, Registry};
+//! use warren_workers::{JobContext, JobError, Registry};
 //!
 //! let mut registry = Registry::new();
-//! registry.register("greet", |payload: serde_json::Value, ctx| async move {
-//!     let name = payload["name"].as_str().ok_or(JobError::permanent("no name"))?;
+//! registry.register("greet", |payload: serde_json::Value, ctx: JobContext| async move {
+//!     let name = payload["name"].as_str().ok_or_else(|| JobError::permanent("no name"))?;
 //!     tracing::info!(job = %ctx.id, "hello {name}");
 //!     Ok(None)
 //! });
