@@ -133,7 +133,7 @@ async fn warren(config: &Config, jobs: usize) -> anyhow::Result<f64> {
 
     shutdown.cancel();
     worker.await??;
-    let channel = dispatcher.connection().create_channel().await?;
+    let channel = dispatcher.open_channel().await?;
     channel
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await?;

@@ -65,6 +65,9 @@ impl std::fmt::Display for ConfigSource {
 pub struct BrokerConfig {
     /// AMQP URL, vhost percent-encoded (`%2f` is `/`).
     pub url: String,
+    /// More nodes of the same cluster: connecting tries `url` and then these in turn, and a
+    /// lost connection fails over to the next one.
+    pub failover_urls: Vec<String>,
     /// AMQP heartbeat interval: a silent peer is declared dead after two missed beats.
     #[serde(with = "humane")]
     pub heartbeat: Duration,
@@ -74,15 +77,28 @@ pub struct BrokerConfig {
     /// Deadline for one broker round trip, such as waiting for a publisher confirm.
     #[serde(with = "humane")]
     pub operation_timeout: Duration,
+    /// How long a submit waits while RabbitMQ blocks publishers (memory or disk alarm) before
+    /// it fails.
+    #[serde(with = "humane")]
+    pub blocked_timeout: Duration,
+}
+
+impl BrokerConfig {
+    /// Every address to try, `url` first.
+    pub fn addresses(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.url.as_str()).chain(self.failover_urls.iter().map(String::as_str))
+    }
 }
 
 impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            failover_urls: Vec::new(),
             heartbeat: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             operation_timeout: Duration::from_secs(30),
+            blocked_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -248,8 +264,15 @@ impl Config {
             Some(path) => Config::from_file(&path)?,
             None => Config::default(),
         };
-        if let Ok(url) = std::env::var(AMQP_URL_ENV) {
-            config.broker.url = url;
+        if let Ok(urls) = std::env::var(AMQP_URL_ENV) {
+            let mut urls = urls
+                .split(',')
+                .map(|u| u.trim().to_owned())
+                .filter(|u| !u.is_empty());
+            if let Some(first) = urls.next() {
+                config.broker.url = first;
+                config.broker.failover_urls = urls.collect();
+            }
         }
         config.validate()?;
         Ok(config)
@@ -286,11 +309,14 @@ impl Config {
             key,
             reason,
         };
-        if let Err(err) = self.broker.url.parse::<lapin::uri::AMQPUri>() {
-            return Err(invalid(
-                "broker.url".into(),
-                format!("is not an AMQP URL: {err}"),
-            ));
+        for (i, url) in self.broker.addresses().enumerate() {
+            if let Err(err) = url.parse::<lapin::uri::AMQPUri>() {
+                let key = match i {
+                    0 => "broker.url".to_owned(),
+                    _ => format!("broker.failover_urls[{}]", i - 1),
+                };
+                return Err(invalid(key, format!("is not an AMQP URL: {err}")));
+            }
         }
         if self.broker.heartbeat.as_secs() > u64::from(u16::MAX) {
             return Err(invalid(

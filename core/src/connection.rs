@@ -5,11 +5,14 @@
 //! through `async_rs::Runtime::tokio_current()` (lapin 4 runs on tokio by itself; no executor
 //! bridge is needed). A broker that is down is retried with exponential backoff for
 //! `broker.connect_timeout`, then reported as [`ConnectError::Unreachable`]; refused
-//! credentials are reported at once.
+//! credentials are reported at once. With several addresses (`broker.failover_urls`, a
+//! cluster) each attempt tries the next one, so a lost node is failed over.
 
 use std::time::Duration;
 
 use async_rs::Runtime;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use backoff::ExponentialBackoff;
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::uri::AMQPUri;
@@ -31,65 +34,115 @@ pub enum ConnectError {
         url: String,
         attempts: u32,
         waited: String,
-        source: lapin::Error,
+        source: Box<lapin::Error>,
     },
     #[error("RabbitMQ at {url} refused the login: {source}")]
-    AccessRefused { url: String, source: lapin::Error },
+    AccessRefused {
+        url: String,
+        source: Box<lapin::Error>,
+    },
 }
 
-/// Opens a connection named `name`, retrying with exponential backoff until
-/// `broker.connect_timeout` has passed.
-pub async fn connect(broker: &BrokerConfig, name: &str) -> Result<Connection, ConnectError> {
-    let mut uri: AMQPUri = broker.url.parse().map_err(ConnectError::InvalidUrl)?;
-    uri.query.heartbeat = Some(u16::try_from(broker.heartbeat.as_secs()).unwrap_or(u16::MAX));
-    let url = redacted(&uri);
-    let started = std::time::Instant::now();
-    let policy = ExponentialBackoff {
-        initial_interval: Duration::from_millis(100),
-        max_interval: Duration::from_secs(2),
-        max_elapsed_time: Some(broker.connect_timeout),
-        ..ExponentialBackoff::default()
-    };
-    let mut attempts = 0;
-    let result = backoff::future::retry(policy, || {
-        attempts += 1;
-        let uri = uri.clone();
-        let properties = ConnectionProperties::default().with_connection_name(name.into());
-        let per_attempt = broker.connect_timeout.max(Duration::from_secs(1));
-        async move {
-            let attempt =
-                Connection::connect_uri_with_runtime(uri, properties, Runtime::tokio_current());
-            match tokio::time::timeout(per_attempt, attempt).await {
-                Ok(Ok(connection)) => Ok(connection),
-                Ok(Err(err)) if is_access_refused(&err) => Err(backoff::Error::permanent(err)),
-                Ok(Err(err)) => {
-                    tracing::debug!(error = %err, "connecting to RabbitMQ failed, will retry");
-                    Err(backoff::Error::transient(err))
+/// Opens connections to one broker or cluster, remembering which address worked last so
+/// that, after losing a connection, the next attempt starts with the following address.
+#[derive(Debug)]
+pub struct Connector {
+    broker: BrokerConfig,
+    /// Every configured address, heartbeat applied.
+    uris: Vec<AMQPUri>,
+    /// Index of the address to try first next time.
+    next: AtomicUsize,
+}
+
+impl Connector {
+    pub fn new(broker: &BrokerConfig) -> Result<Connector, ConnectError> {
+        let heartbeat = u16::try_from(broker.heartbeat.as_secs()).unwrap_or(u16::MAX);
+        let uris = broker
+            .addresses()
+            .map(|url| {
+                let mut uri: AMQPUri = url.parse().map_err(ConnectError::InvalidUrl)?;
+                uri.query.heartbeat = Some(heartbeat);
+                Ok(uri)
+            })
+            .collect::<Result<Vec<_>, ConnectError>>()?;
+        Ok(Connector {
+            broker: broker.clone(),
+            uris,
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    /// Opens a connection named `name`, trying the addresses in turn with exponential backoff
+    /// until `broker.connect_timeout` has passed.
+    pub async fn connect(&self, name: &str) -> Result<Connection, ConnectError> {
+        let started = std::time::Instant::now();
+        let policy = ExponentialBackoff {
+            initial_interval: Duration::from_millis(100),
+            max_interval: Duration::from_secs(2),
+            max_elapsed_time: Some(self.broker.connect_timeout),
+            ..ExponentialBackoff::default()
+        };
+        let count = self.uris.len().max(1);
+        let per_attempt = (self.broker.connect_timeout / count as u32)
+            .clamp(Duration::from_secs(1), Duration::from_secs(10));
+        let mut attempts = 0;
+        let mut last_url = String::new();
+        let result = backoff::future::retry(policy, || {
+            attempts += 1;
+            let index = self.next.fetch_add(1, Ordering::Relaxed) % count;
+            let uri = self.uris[index].clone();
+            last_url = redacted(&uri);
+            let url = last_url.clone();
+            let properties = ConnectionProperties::default().with_connection_name(name.into());
+            async move {
+                let attempt = Connection::connect_uri_with_runtime(uri, properties, Runtime::tokio_current());
+                match tokio::time::timeout(per_attempt, attempt).await {
+                    Ok(Ok(connection)) => {
+                        // Next time (after a loss) start with this same address again only
+                        // after the others have been tried.
+                        tracing::debug!(%url, "connected to RabbitMQ");
+                        self.next.store(index + 1, Ordering::Relaxed);
+                        Ok(connection)
+                    }
+                    Ok(Err(err)) if is_access_refused(&err) => Err(backoff::Error::permanent(err)),
+                    Ok(Err(err)) => {
+                        tracing::debug!(%url, error = %err, "connecting to RabbitMQ failed, will retry");
+                        Err(backoff::Error::transient(err))
+                    }
+                    Err(_) => Err(backoff::Error::transient(timed_out())),
                 }
-                Err(_) => Err(backoff::Error::transient(timed_out())),
             }
-        }
-    })
-    .await;
-    result.map_err(|source| {
-        if is_access_refused(&source) {
-            ConnectError::AccessRefused {
-                url: url.clone(),
-                source,
+        })
+        .await;
+        result.map_err(|source| {
+            let url = match self.uris.len() {
+                1 => last_url.clone(),
+                n => format!("{last_url} (and {} other address(es))", n - 1),
+            };
+            if is_access_refused(&source) {
+                ConnectError::AccessRefused {
+                    url,
+                    source: Box::new(source),
+                }
+            } else {
+                let waited = humantime::format_duration(Duration::from_millis(
+                    u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                ))
+                .to_string();
+                ConnectError::Unreachable {
+                    url,
+                    attempts,
+                    waited,
+                    source: Box::new(source),
+                }
             }
-        } else {
-            let waited = humantime::format_duration(Duration::from_millis(
-                u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            ))
-            .to_string();
-            ConnectError::Unreachable {
-                url: url.clone(),
-                attempts,
-                waited,
-                source,
-            }
-        }
-    })
+        })
+    }
+}
+
+/// Opens one connection named `name` (see [`Connector::connect`]).
+pub async fn connect(broker: &BrokerConfig, name: &str) -> Result<Connection, ConnectError> {
+    Connector::new(broker)?.connect(name).await
 }
 
 fn is_access_refused(error: &lapin::Error) -> bool {

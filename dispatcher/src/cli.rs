@@ -188,7 +188,7 @@ pub async fn apply_topology(
 /// without removing them: they are fetched unacknowledged and handed back when the channel
 /// closes.
 pub async fn peek(dispatcher: &Dispatcher, queue: &str, count: usize) -> anyhow::Result<()> {
-    let channel = dispatcher.connection().create_channel().await?;
+    let channel = dispatcher.open_channel().await?;
     let name = warren_core::topology::short(queue)?;
     let mut shown = 0;
     while shown < count {

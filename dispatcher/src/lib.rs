@@ -12,28 +12,32 @@
 //! The [`cli`] module holds the `warren` command's subcommands.
 
 pub mod cli;
+mod link;
+
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use lapin::options::ConfirmSelectOptions;
-use lapin::{Channel, Connection};
+use lapin::Channel;
 use warren_core::config::Config;
-use warren_core::connection::{self, ConnectError};
+use warren_core::connection::{ConnectError, Connector};
 use warren_core::envelope::{EncodeError, JobId, NewJob};
 use warren_core::publish::{self, PublishError};
 use warren_core::topology::{self, Declared, TopologyError};
 
-/// A connection to RabbitMQ that submits jobs.
+pub use link::LinkError;
+use link::Links;
+
+/// Submits jobs over a connection that is reopened when lost.
 pub struct Dispatcher {
-    /// Kept so that the connection lives as long as the dispatcher.
-    connection: Connection,
-    /// In confirm mode: every publish gets an ack or nack from the broker.
-    channel: Channel,
+    links: Links,
     config: Config,
 }
 
-/// Why a job was not submitted. When `submit` returns an error the job may or may not have
-/// reached the broker only for [`SubmitError::Publish`] with a timeout or a lost connection:
-/// submitting it again is safe but may run it twice (Warren is at-least-once).
+/// Why a job was not submitted.
+///
+/// Only [`SubmitError::Publish`] (a lost connection, or no confirm in time) leaves it unknown
+/// whether the broker kept the job: submitting it again is safe but may run it twice (Warren
+/// is at-least-once). [`SubmitError::is_retryable`] tells which errors a later try may fix.
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
     #[error("invalid job: {0}")]
@@ -49,8 +53,25 @@ pub enum SubmitError {
         topology::JOBS_EXCHANGE
     )]
     NoTopology,
+    #[error(
+        "RabbitMQ has blocked publishing for over {0:?} (a memory or disk alarm: see the \
+         management UI); the job was not submitted"
+    )]
+    Blocked(Duration),
+    #[error(transparent)]
+    Connection(#[from] LinkError),
     #[error(transparent)]
     Publish(PublishError),
+}
+
+impl SubmitError {
+    /// True when submitting the same job again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            SubmitError::Blocked(_) | SubmitError::Connection(_) | SubmitError::Publish(_)
+        )
+    }
 }
 
 /// True for the channel error RabbitMQ raises on a publish to a missing exchange.
@@ -65,22 +86,23 @@ fn is_not_found(error: &lapin::Error) -> bool {
 pub enum DispatcherError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
-    #[error("opening a channel: {0}")]
-    Channel(#[from] lapin::Error),
+    #[error(transparent)]
+    Link(#[from] LinkError),
 }
 
 impl Dispatcher {
-    /// Connects and opens a confirm-mode channel.
+    /// Connects (so that an unreachable broker is reported at once) and opens a confirm-mode
+    /// channel.
     pub async fn connect(config: &Config) -> Result<Dispatcher, DispatcherError> {
         let name = format!("warren-dispatcher pid={}", std::process::id());
-        let connection = connection::connect(&config.broker, &name).await?;
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        let links = Links::new(
+            Connector::new(&config.broker)?,
+            name,
+            config.broker.operation_timeout,
+        );
+        links.current().await?;
         Ok(Dispatcher {
-            connection,
-            channel,
+            links,
             config: config.clone(),
         })
     }
@@ -88,14 +110,18 @@ impl Dispatcher {
     /// Submits one job and returns its id once the broker has confirmed it.
     pub async fn submit(&self, job: NewJob) -> Result<JobId, SubmitError> {
         let message = job.encode(self.config.jobs.max_payload_bytes)?;
-        let timeout = self.config.broker.operation_timeout;
+        let link = self.links.current().await?;
+        let blocked_timeout = self.config.broker.blocked_timeout;
+        if !link.wait_unblocked(blocked_timeout).await {
+            return Err(SubmitError::Blocked(blocked_timeout));
+        }
         let result = publish::publish(
-            &self.channel,
+            &link.channel,
             topology::JOBS_EXCHANGE,
             message.routing_key,
             &message.body,
             message.properties,
-            timeout,
+            self.config.broker.operation_timeout,
         )
         .await;
         match result {
@@ -124,7 +150,7 @@ impl Dispatcher {
     /// Declares the shared topology and the given queues (with their configured settings), on
     /// a channel of its own so that a mismatch cannot break the submit channel.
     pub async fn apply_topology(&self, queues: &[String]) -> Result<Vec<Declared>, ApplyError> {
-        let channel = self.connection.create_channel().await?;
+        let channel = self.open_channel().await?;
         let settings: Vec<_> = queues
             .iter()
             .map(|q| (q.as_str(), self.config.queue(q)))
@@ -133,7 +159,10 @@ impl Dispatcher {
             .iter()
             .map(|(name, queue)| (*name, queue))
             .collect();
-        let declared = topology::declare(&channel, &refs).await?;
+        let timeout = self.config.broker.operation_timeout * 4;
+        let declared = tokio::time::timeout(timeout, topology::declare(&channel, &refs))
+            .await
+            .map_err(|_| ApplyError::Timeout(timeout))??;
         let _ = channel.close(200, "topology applied".into()).await;
         Ok(declared)
     }
@@ -143,14 +172,15 @@ impl Dispatcher {
         &self.config
     }
 
-    /// The underlying connection, for commands that read queues directly.
-    pub fn connection(&self) -> &Connection {
-        &self.connection
+    /// A new channel on the current connection, for commands that read queues directly.
+    pub async fn open_channel(&self) -> Result<Channel, LinkError> {
+        let link = self.links.current().await?;
+        Ok(link.connection.create_channel().await?)
     }
 
-    /// Closes the connection cleanly (pending confirms have all been awaited by then).
+    /// Closes the connection (pending confirms have all been awaited by then).
     pub async fn close(self) {
-        let _ = self.connection.close(200, "bye".into()).await;
+        self.links.close().await;
     }
 }
 
@@ -159,6 +189,8 @@ impl Dispatcher {
 pub enum ApplyError {
     #[error(transparent)]
     Topology(#[from] TopologyError),
-    #[error("opening a channel: {0}")]
-    Channel(#[from] lapin::Error),
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error("declaring the topology: no answer within {0:?}")]
+    Timeout(Duration),
 }

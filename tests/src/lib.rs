@@ -449,3 +449,25 @@ impl Drop for TempVhost {
             .output();
     }
 }
+
+/// Closes (from the broker's side) every connection whose client-given name contains
+/// `name_contains`; returns how many were closed.
+pub fn close_connections(name_contains: &str) -> usize {
+    let listing = broker_ctl(&["-q", "list_connections", "pid", "client_properties"]);
+    let mut closed = 0;
+    for line in listing.lines() {
+        let Some((pid, properties)) = line.split_once('\t') else {
+            continue;
+        };
+        let name = properties
+            .split("{\"connection_name\",\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or_default();
+        if pid.starts_with('<') && name.contains(name_contains) {
+            broker_ctl(&["close_connection", pid, "closed by a Warren test"]);
+            closed += 1;
+        }
+    }
+    closed
+}

@@ -21,12 +21,14 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::{BasicProperties, Channel};
+use tokio_util::sync::CancellationToken;
 use warren_core::config::QueueConfig;
 use warren_core::envelope::{self, DeadLetter, DeadReason, Job};
 use warren_core::publish::{self, PublishError};
@@ -43,8 +45,53 @@ pub(crate) struct Shared {
     /// Written into dead letters (`x-warren-worker`).
     pub worker_id: String,
     pub max_payload_bytes: usize,
-    /// Deadline for a retry or dead-letter publish to be confirmed.
+    /// Deadline for a retry or dead-letter publish to be confirmed, and for an ack.
     pub publish_timeout: Duration,
+    /// Cancelled when the publishing channel turns out to be dead, so that the worker
+    /// reconnects instead of failing every job's next step.
+    pub lost: CancellationToken,
+    /// Outcome counters over the process's life.
+    pub stats: Arc<Stats>,
+}
+
+/// How many jobs ended which way, over the worker process's life.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub done: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    /// Handed back to the broker: settling failed, or the channel was gone.
+    pub requeued: AtomicU64,
+    /// Acks lapin could not send because the channel was lost (`Ok(false)`): the broker will
+    /// redeliver those jobs, so they may run twice.
+    pub acks_lost: AtomicU64,
+}
+
+impl Stats {
+    fn count(&self, outcome: Outcome) {
+        let counter = match outcome {
+            Outcome::Done => &self.done,
+            Outcome::Retried => &self.retried,
+            Outcome::DeadLettered => &self.dead_lettered,
+            Outcome::Requeued => &self.requeued,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        write!(
+            f,
+            "{} done, {} retries scheduled, {} dead-lettered, {} requeued ({} acks lost with their channel)",
+            get(&self.done),
+            get(&self.retried),
+            get(&self.dead_lettered),
+            get(&self.requeued),
+            get(&self.acks_lost)
+        )
+    }
 }
 
 /// One work queue as the worker consumes it.
@@ -77,7 +124,7 @@ pub(crate) async fn process(shared: &Shared, queue: &QueueRuntime, delivery: Del
             tracing::warn!(queue = %queue.name, error = %err, "malformed message, dead-lettering it");
             let dead = dead_letter(shared, queue, DeadReason::Malformed, err.to_string(), 0);
             let outcome = dead_letter_and_ack(shared, queue, &delivery, dead).await;
-            log_outcome(outcome, &delivery.properties, queue, 0, started);
+            log_outcome(shared, outcome, &delivery.properties, queue, 0, started);
             return;
         }
     };
@@ -115,7 +162,14 @@ pub(crate) async fn process(shared: &Shared, queue: &QueueRuntime, delivery: Del
             settle(shared, queue, &delivery, job.attempt, result).await
         }
     };
-    log_outcome(outcome, &delivery.properties, queue, job.attempt, started);
+    log_outcome(
+        shared,
+        outcome,
+        &delivery.properties,
+        queue,
+        job.attempt,
+        started,
+    );
 }
 
 /// Step 4: ack, retry or dead-letter according to the handler's result.
@@ -131,7 +185,7 @@ async fn settle(
             if let Some(value) = result {
                 tracing::debug!(%value, "job result");
             }
-            ack(delivery, Outcome::Done).await
+            ack(shared, delivery, Outcome::Done).await
         }
         Err(JobError::Permanent(reason)) => {
             tracing::warn!(error = %reason, "permanent failure, dead-lettering the job");
@@ -171,7 +225,7 @@ async fn retry_and_ack(
     };
     let properties = envelope::retry_properties(&delivery.properties, next);
     let published = publish_copy(shared, &exchange, &key, delivery, properties).await;
-    settle_after_publish(delivery, published, Outcome::Retried).await
+    settle_after_publish(shared, delivery, published, Outcome::Retried).await
 }
 
 fn dead_letter(
@@ -200,7 +254,7 @@ async fn dead_letter_and_ack(
     let properties = dead.properties(&delivery.properties);
     let key = topology::dead_queue(&queue.name);
     let published = publish_copy(shared, topology::DEAD_EXCHANGE, &key, delivery, properties).await;
-    settle_after_publish(delivery, published, Outcome::DeadLettered).await
+    settle_after_publish(shared, delivery, published, Outcome::DeadLettered).await
 }
 
 async fn publish_copy(
@@ -225,34 +279,47 @@ async fn publish_copy(
 
 /// Acks once the replacement is queued; otherwise hands the delivery back to the broker.
 async fn settle_after_publish(
+    shared: &Shared,
     delivery: &Delivery,
     published: Result<(), PublishError>,
     then: Outcome,
 ) -> Outcome {
     match published {
-        Ok(()) => ack(delivery, then).await,
+        Ok(()) => ack(shared, delivery, then).await,
         Err(err) => {
+            if !shared.publisher.status().connected() {
+                shared.lost.cancel();
+            }
             tracing::error!(error = %err, "could not queue the job's next step; requeueing it for redelivery");
             let options = BasicNackOptions {
                 requeue: true,
                 ..Default::default()
             };
-            if let Err(err) = delivery.acker.nack(options).await {
-                tracing::error!(error = %err, "nack failed; the broker will redeliver the job when the channel closes");
+            let nack = tokio::time::timeout(shared.publish_timeout, delivery.acker.nack(options));
+            if !matches!(nack.await, Ok(Ok(true))) {
+                tracing::error!(
+                    "nack not sent; the broker will redeliver the job when the channel closes"
+                );
             }
             Outcome::Requeued
         }
     }
 }
 
-async fn ack(delivery: &Delivery, outcome: Outcome) -> Outcome {
-    match delivery.acker.ack(BasicAckOptions::default()).await {
-        Ok(true) => outcome,
-        Ok(false) => {
+async fn ack(shared: &Shared, delivery: &Delivery, outcome: Outcome) -> Outcome {
+    let ack = delivery.acker.ack(BasicAckOptions::default());
+    match tokio::time::timeout(shared.publish_timeout, ack).await {
+        Ok(Ok(true)) => outcome,
+        Err(_) => {
+            tracing::warn!("ack not confirmed in time; the broker may redeliver the job");
+            Outcome::Requeued
+        }
+        Ok(Ok(false)) => {
+            shared.stats.acks_lost.fetch_add(1, Ordering::Relaxed);
             tracing::warn!("ack not sent: the channel is gone; the broker will redeliver the job");
             Outcome::Requeued
         }
-        Err(err) => {
+        Ok(Err(err)) => {
             tracing::warn!(error = %err, "ack failed; the broker will redeliver the job");
             Outcome::Requeued
         }
@@ -261,12 +328,14 @@ async fn ack(delivery: &Delivery, outcome: Outcome) -> Outcome {
 
 /// The one info line per job outcome.
 fn log_outcome(
+    shared: &Shared,
     outcome: Outcome,
     properties: &BasicProperties,
     queue: &QueueRuntime,
     attempt: u32,
     started: Instant,
 ) {
+    shared.stats.count(outcome);
     let text = |v: &Option<lapin::types::ShortString>| {
         v.as_ref().map(|s| s.to_string()).unwrap_or_default()
     };

@@ -1,24 +1,36 @@
-//! The worker process's life: connect, declare, consume, run jobs concurrently, shut down.
+//! The worker process's life: connect, declare, consume, run jobs concurrently, recover from
+//! a lost broker, shut down.
 //!
-//! 1. Two connections: one consumes, one publishes retries and dead letters with confirms.
-//!    They are separate because RabbitMQ blocks publishing connections under a memory or disk
-//!    alarm, and consuming must go on then.
-//! 2. The topology of every consumed queue is declared (idempotently).
-//! 3. One channel and one consumer per queue, each with a per-consumer prefetch of
-//!    `concurrency` (quorum queues refuse global QoS) and a unique consumer tag.
-//! 4. Deliveries from all queues are merged; each runs as its own task ([`crate::job`]), at
-//!    most `concurrency` at once across queues.
-//! 5. On shutdown (the token is cancelled): cancel the consumers so no new job arrives, let the
-//!    running jobs finish for up to `worker.shutdown_grace`, then close. Deliveries that were
-//!    prefetched but not started, and jobs still running after the grace period, are unacked
-//!    and return to their queues when the channel closes.
+//! [`Worker::run`] is a loop of *sessions*. A session:
+//! 1. opens two connections: one consumes, one publishes retries and dead letters with
+//!    confirms. They are separate because RabbitMQ blocks publishing connections under a
+//!    memory or disk alarm, and consuming must go on then;
+//! 2. declares the topology of every consumed queue (idempotently);
+//! 3. opens one channel and consumer per queue, with a per-consumer prefetch of `concurrency`
+//!    (quorum queues refuse global QoS) and a unique consumer tag;
+//! 4. merges the deliveries of all queues and runs each as its own task ([`crate::job`]), at
+//!    most `concurrency` at once across queues and sessions.
 //!
-//! If the broker connection or a consumer is lost, [`Worker::run`] returns an error and the
-//! process exits non-zero; its unacked jobs are redelivered to other workers.
+//! A channel the broker closed (consumer timeout, a deleted queue) is reopened within the
+//! session. A lost connection ends the session: the loop reconnects with exponential backoff
+//! (trying every configured address) and starts a new one. Jobs still running from the old
+//! session finish, but their acks cannot reach the broker any more (lapin returns `Ok(false)`,
+//! counted in the stats): the broker has already requeued them, so they run again
+//! (at-least-once).
+//!
+//! On shutdown (the token is cancelled): cancel the consumers so no new job arrives, let the
+//! running jobs finish for up to `worker.shutdown_grace`, then close. Deliveries prefetched but
+//! not started, and jobs still running after the grace period, return to their queues when the
+//! connection closes.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use backoff::ExponentialBackoff;
+use backoff::backoff::Backoff;
 use futures::StreamExt;
+use futures::stream::{BoxStream, SelectAll};
+use lapin::message::Delivery;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
 };
@@ -29,11 +41,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use warren_core::config::Config;
-use warren_core::connection::{self, ConnectError};
+use warren_core::connection::{ConnectError, Connector};
 use warren_core::topology::{self, TopologyError};
 
 use crate::handler::Registry;
-use crate::job::{self, QueueRuntime, Shared};
+use crate::job::{self, QueueRuntime, Shared, Stats};
 
 /// A worker: which queues it consumes, with which handlers.
 pub struct Worker {
@@ -42,24 +54,61 @@ pub struct Worker {
     queues: Vec<String>,
 }
 
-/// Why a worker stopped other than by shutdown.
+/// Why a worker stopped other than by shutdown. Only errors that reconnecting cannot fix
+/// end [`Worker::run`]; see [`WorkerError::is_fatal`].
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error("no queue to consume: give at least one --queue")]
     NoQueues,
+    #[error("invalid queue name `{name}`: {reason}")]
+    InvalidQueue {
+        name: String,
+        reason: topology::NameError,
+    },
     #[error(transparent)]
     Connect(#[from] ConnectError),
     #[error(transparent)]
     Topology(#[from] TopologyError),
     #[error("{what}: {source}")]
     Broker { what: String, source: lapin::Error },
-    #[error("the consumer of queue `{0}` was cancelled by the broker (queue deleted?)")]
-    ConsumerCancelled(String),
+    #[error("{0}: no answer from the broker within the operation timeout")]
+    Timeout(String),
+    #[error("the publishing channel was lost")]
+    PublisherLost,
+    #[error("every consumer was cancelled by the broker (queues deleted?)")]
+    ConsumersCancelled,
 }
 
-fn broker(what: impl Into<String>) -> impl FnOnce(lapin::Error) -> WorkerError {
-    let what = what.into();
-    move |source| WorkerError::Broker { what, source }
+impl WorkerError {
+    /// Errors that a new session would only repeat: bad names, refused credentials, a queue
+    /// declared with other arguments.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            WorkerError::NoQueues
+                | WorkerError::InvalidQueue { .. }
+                | WorkerError::Connect(
+                    ConnectError::AccessRefused { .. } | ConnectError::InvalidUrl(_)
+                )
+                | WorkerError::Topology(
+                    TopologyError::Mismatch { .. } | TopologyError::InvalidName { .. }
+                )
+        )
+    }
+}
+
+/// What outlives a session: the handlers, the concurrency limit, the running jobs.
+struct Process {
+    config: Config,
+    registry: Registry,
+    queues: Vec<Arc<QueueRuntime>>,
+    worker_id: String,
+    connector: Connector,
+    /// One permit per job allowed to run at once.
+    slots: Arc<Semaphore>,
+    /// Every job task, across sessions, awaited on shutdown.
+    tracker: TaskTracker,
+    stats: Arc<Stats>,
 }
 
 impl Worker {
@@ -80,98 +129,166 @@ impl Worker {
         self
     }
 
-    /// Runs until `shutdown` is cancelled (then returns `Ok` after draining), or until the
-    /// broker connection fails.
+    /// Runs until `shutdown` is cancelled (then returns `Ok` after draining), reconnecting
+    /// whenever the broker is lost. Returns an error only for what reconnecting cannot fix.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), WorkerError> {
         if self.queues.is_empty() {
             return Err(WorkerError::NoQueues);
         }
-        let worker_id = worker_id();
-        let broker_config = &self.config.broker;
-        let consuming =
-            connection::connect(broker_config, &format!("warren-worker {worker_id} consume"))
-                .await?;
-        let publishing =
-            connection::connect(broker_config, &format!("warren-worker {worker_id} publish"))
-                .await?;
+        for name in &self.queues {
+            topology::validate_queue_name(name).map_err(|reason| WorkerError::InvalidQueue {
+                name: name.clone(),
+                reason,
+            })?;
+        }
+        let process = Process {
+            queues: self
+                .queues
+                .iter()
+                .map(|name| {
+                    Arc::new(QueueRuntime {
+                        name: name.as_str().into(),
+                        config: self.config.queue(name),
+                    })
+                })
+                .collect(),
+            worker_id: worker_id(),
+            connector: Connector::new(&self.config.broker)?,
+            slots: Arc::new(Semaphore::new(usize::from(self.config.worker.concurrency))),
+            tracker: TaskTracker::new(),
+            stats: Arc::default(),
+            config: self.config,
+            registry: self.registry,
+        };
+        let mut reconnect = ExponentialBackoff {
+            initial_interval: Duration::from_millis(200),
+            max_interval: Duration::from_secs(10),
+            max_elapsed_time: None,
+            ..ExponentialBackoff::default()
+        };
+        let result = loop {
+            match process.session(&shutdown, &mut reconnect).await {
+                Ok(()) => break Ok(()),
+                Err(err) if err.is_fatal() => break Err(err),
+                Err(err) => {
+                    let wait = reconnect.next_backoff().unwrap_or(reconnect.max_interval);
+                    tracing::warn!(
+                        error = %warren_core::error_chain(&err),
+                        "lost the broker; reconnecting in {}",
+                        humantime::format_duration(Duration::from_millis(wait.as_millis() as u64))
+                    );
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break Ok(()),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        };
+        process.tracker.close();
+        if !process.tracker.is_empty() {
+            // Jobs of a lost session: their acks cannot be delivered any more, but let them end.
+            let _ =
+                tokio::time::timeout(process.config.worker.shutdown_grace, process.tracker.wait())
+                    .await;
+        }
+        tracing::info!(stats = %process.stats, "worker stopped");
+        result
+    }
+}
 
-        let setup = consuming
-            .create_channel()
-            .await
-            .map_err(broker("opening a channel"))?;
-        let queues: Vec<QueueRuntime> = self
-            .queues
-            .iter()
-            .map(|name| QueueRuntime {
-                name: name.as_str().into(),
-                config: self.config.queue(name),
-            })
-            .collect();
-        let declare: Vec<_> = queues.iter().map(|q| (&*q.name, &q.config)).collect();
-        topology::declare(&setup, &declare).await?;
+impl Process {
+    /// One connected session; returns `Ok` after a graceful shutdown.
+    async fn session(
+        &self,
+        shutdown: &CancellationToken,
+        reconnect: &mut ExponentialBackoff,
+    ) -> Result<(), WorkerError> {
+        let timeout = self.config.broker.operation_timeout;
+        let consuming = self
+            .connector
+            .connect(&format!("warren-worker {} consume", self.worker_id))
+            .await?;
+        let publishing = self
+            .connector
+            .connect(&format!("warren-worker {} publish", self.worker_id))
+            .await?;
+
+        let setup = deadline(timeout, "opening a channel", consuming.create_channel()).await?;
+        let declare: Vec<_> = self.queues.iter().map(|q| (&*q.name, &q.config)).collect();
+        within(
+            timeout * 4,
+            "declaring the topology",
+            topology::declare(&setup, &declare),
+        )
+        .await??;
         let _ = setup.close(200, "declared".into()).await;
 
-        let publisher = publishing
-            .create_channel()
-            .await
-            .map_err(broker("opening a channel"))?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await
-            .map_err(broker("enabling publisher confirms"))?;
+        let publisher = deadline(timeout, "opening a channel", publishing.create_channel()).await?;
+        deadline(
+            timeout,
+            "enabling publisher confirms",
+            publisher.confirm_select(ConfirmSelectOptions::default()),
+        )
+        .await?;
         let shared = Arc::new(Shared {
-            registry: self.registry,
+            registry: self.registry.clone(),
             publisher,
-            worker_id: worker_id.clone(),
+            worker_id: self.worker_id.clone(),
             max_payload_bytes: self.config.jobs.max_payload_bytes,
-            publish_timeout: broker_config.operation_timeout,
+            publish_timeout: timeout,
+            lost: CancellationToken::new(),
+            stats: self.stats.clone(),
         });
 
-        let concurrency = self.config.worker.concurrency;
         let mut consumers = Vec::new();
-        let mut streams = Vec::new();
-        for queue in queues {
-            let queue = Arc::new(queue);
-            let (channel, tag, consumer) =
-                consume(&consuming, &queue.name, &worker_id, concurrency).await?;
-            consumers.push((channel, tag));
-            streams.push(
-                consumer
-                    .map(move |delivery| (queue.clone(), delivery))
-                    .boxed(),
-            );
+        let mut deliveries = SelectAll::new();
+        for queue in &self.queues {
+            let consumer = self.consume(&consuming, queue).await?;
+            deliveries.push(consumer.stream);
+            consumers.push((consumer.channel, consumer.tag));
         }
+        reconnect.reset();
         tracing::info!(
-            worker = %worker_id,
-            queues = ?self.queues,
-            concurrency,
-            kinds = ?shared.registry.kinds(),
+            worker = %self.worker_id,
+            queues = ?self.queues.iter().map(|q| &*q.name).collect::<Vec<_>>(),
+            concurrency = self.config.worker.concurrency,
+            kinds = ?self.registry.kinds(),
             "worker started"
         );
 
-        let tracker = TaskTracker::new();
-        let slots = Arc::new(Semaphore::new(usize::from(concurrency)));
-        let mut deliveries = futures::stream::select_all(streams);
-        let stopped = loop {
+        let ended = loop {
             let slot = tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
-                slot = slots.clone().acquire_owned() => slot,
+                _ = shared.lost.cancelled() => break Err(WorkerError::PublisherLost),
+                slot = self.slots.clone().acquire_owned() => slot,
             };
             let Ok(slot) = slot else { break Ok(()) };
             let next = tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
+                _ = shared.lost.cancelled() => break Err(WorkerError::PublisherLost),
                 next = deliveries.next() => next,
             };
             let (queue, delivery) = match next {
                 Some((queue, Ok(delivery))) => (queue, delivery),
                 Some((queue, Err(err))) => {
-                    break Err(broker(format!("consuming queue `{}`", queue.name))(err));
+                    if !consuming.status().connected() {
+                        break Err(WorkerError::Broker {
+                            what: format!("consuming `{}`", queue.name),
+                            source: err,
+                        });
+                    }
+                    // The broker closed this queue's channel (consumer timeout, ...): reopen it.
+                    tracing::warn!(queue = %queue.name, error = %err, "consumer channel closed by the broker; reopening it");
+                    let consumer = self.consume(&consuming, &queue).await?;
+                    deliveries.push(consumer.stream);
+                    consumers.push((consumer.channel, consumer.tag));
+                    continue;
                 }
-                None => break Err(WorkerError::ConsumerCancelled(self.queues.join(", "))),
+                None => break Err(WorkerError::ConsumersCancelled),
             };
             let shared = shared.clone();
             let span = tracing::info_span!("job", queue = %queue.name, tag = delivery.delivery_tag);
-            tracker.spawn(
+            self.tracker.spawn(
                 async move {
                     job::process(&shared, &queue, delivery).await;
                     drop(slot);
@@ -180,61 +297,112 @@ impl Worker {
             );
         };
 
+        if ended.is_ok() {
+            self.drain(&consumers).await;
+        }
+        let _ = tokio::time::timeout(timeout, consuming.close(200, "worker stopping".into())).await;
+        let _ =
+            tokio::time::timeout(timeout, publishing.close(200, "worker stopping".into())).await;
+        ended
+    }
+
+    /// Graceful stop: no new deliveries, running jobs get `shutdown_grace` to finish and ack.
+    async fn drain(&self, consumers: &[(Channel, String)]) {
         tracing::info!(
             "stopping: no new jobs; waiting for {} running job(s)",
-            tracker.len()
+            self.tracker.len()
         );
-        for (channel, tag) in &consumers {
-            let _ = channel
-                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                .await;
+        for (channel, tag) in consumers {
+            let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+            let _ = tokio::time::timeout(self.config.broker.operation_timeout, cancel).await;
         }
-        tracker.close();
+        self.tracker.close();
         let grace = self.config.worker.shutdown_grace;
-        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 "{} job(s) still running after {}; leaving them to be redelivered",
-                tracker.len(),
+                self.tracker.len(),
                 humantime::format_duration(grace)
             );
         }
-        drop(deliveries);
-        let _ = consuming.close(200, "worker stopping".into()).await;
-        let _ = publishing.close(200, "worker stopping".into()).await;
-        tracing::info!("worker stopped");
-        stopped
+    }
+
+    /// Opens a channel with per-consumer prefetch and consumes `queue` under a unique tag.
+    async fn consume(
+        &self,
+        connection: &Connection,
+        queue: &Arc<QueueRuntime>,
+    ) -> Result<Consumer, WorkerError> {
+        let timeout = self.config.broker.operation_timeout;
+        let channel = deadline(timeout, "opening a channel", connection.create_channel()).await?;
+        let qos = channel.basic_qos(
+            self.config.worker.concurrency,
+            BasicQosOptions { global: false },
+        );
+        deadline(timeout, "setting prefetch", qos).await?;
+        let tag = format!(
+            "warren-worker {} {}",
+            self.worker_id,
+            uuid::Uuid::now_v7().simple()
+        );
+        let options = BasicConsumeOptions::default();
+        let consume = channel.basic_consume(
+            (*queue.name).into(),
+            tag.as_str().into(),
+            options,
+            FieldTable::default(),
+        );
+        let consumer = deadline(
+            timeout,
+            &format!("consuming queue `{}`", queue.name),
+            consume,
+        )
+        .await?;
+        let queue = queue.clone();
+        let stream = consumer
+            .map(move |delivery| (queue.clone(), delivery))
+            .boxed();
+        Ok(Consumer {
+            channel,
+            tag,
+            stream,
+        })
     }
 }
 
-/// Opens a channel with per-consumer prefetch and starts consuming `queue` under a unique tag.
-async fn consume(
-    connection: &Connection,
-    queue: &str,
-    worker_id: &str,
-    prefetch: u16,
-) -> Result<(Channel, String, lapin::Consumer), WorkerError> {
-    let channel = connection
-        .create_channel()
+/// One queue's consumer within a session.
+struct Consumer {
+    channel: Channel,
+    tag: String,
+    stream: BoxStream<'static, (Arc<QueueRuntime>, lapin::Result<Delivery>)>,
+}
+
+/// Runs a broker call with a deadline (lapin can hang on a dying server).
+async fn deadline<T>(
+    timeout: Duration,
+    what: &str,
+    call: impl Future<Output = lapin::Result<T>>,
+) -> Result<T, WorkerError> {
+    within(timeout, what, call)
+        .await?
+        .map_err(|source| WorkerError::Broker {
+            what: what.to_owned(),
+            source,
+        })
+}
+
+/// Runs any future with a deadline.
+async fn within<T>(
+    timeout: Duration,
+    what: &str,
+    call: impl Future<Output = T>,
+) -> Result<T, WorkerError> {
+    tokio::time::timeout(timeout, call)
         .await
-        .map_err(broker("opening a channel"))?;
-    channel
-        .basic_qos(prefetch, BasicQosOptions { global: false })
-        .await
-        .map_err(broker("setting prefetch"))?;
-    let tag = format!(
-        "warren-worker {worker_id} {}",
-        uuid::Uuid::now_v7().simple()
-    );
-    let consumer = channel
-        .basic_consume(
-            queue.into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(broker(format!("consuming queue `{queue}`")))?;
-    Ok((channel, tag, consumer))
+        .map_err(|_| WorkerError::Timeout(what.to_owned()))
 }
 
 /// `host:pid`, written into dead letters and connection names.
