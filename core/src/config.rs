@@ -297,6 +297,33 @@ impl Config {
         toml::from_str(text)
     }
 
+    /// Settings that are valid but probably not what the operator wants, one sentence each.
+    /// The binaries log them at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for (name, queue) in &self.queues {
+            if queue.job_timeout >= BROKER_CONSUMER_TIMEOUT {
+                warnings.push(format!(
+                    "{}: queues.{name}.job_timeout ({}) is not below RabbitMQ's default \
+                     consumer_timeout (30m): the broker may close the channel of a job running \
+                     that long; raise consumer_timeout in rabbitmq.conf",
+                    self.source,
+                    humantime::format_duration(queue.job_timeout)
+                ));
+            }
+            if queue.queue_type == QueueType::Classic {
+                warnings.push(format!(
+                    "{}: queues.{name} is a classic queue: RabbitMQ dead-letters from classic \
+                     queues at-most-once and they have no delivery limit, so a job that crashes \
+                     its worker every time is redelivered forever; use type = \"quorum\" for \
+                     Warren's guarantees",
+                    self.source
+                ));
+            }
+        }
+        warnings
+    }
+
     /// The settings of one queue: its own section, or the defaults.
     pub fn queue(&self, name: &str) -> QueueConfig {
         self.queues.get(name).cloned().unwrap_or_default()
@@ -394,14 +421,6 @@ impl QueueConfig {
                 "must not exceed retry.max_delay".into(),
             ));
         }
-        if self.job_timeout >= BROKER_CONSUMER_TIMEOUT {
-            tracing::warn!(
-                job_timeout = %humantime::format_duration(self.job_timeout),
-                "job_timeout is not below RabbitMQ's default consumer_timeout (30m): the broker \
-                 may close the channel of a job running that long unless consumer_timeout is \
-                 raised in rabbitmq.conf"
-            );
-        }
         Ok(())
     }
 }
@@ -493,6 +512,21 @@ mod tests {
         let config = Config::from_toml("[broker]\nurl = \"http://x\"\n").expect("parses");
         let err = config.validate().expect_err("not amqp");
         assert!(err.to_string().contains("broker.url"), "{err}");
+    }
+
+    #[test]
+    fn risky_settings_are_warned_about() {
+        let config = Config::from_toml(
+            "[queues.long]\njob_timeout = \"1h\"\n[queues.old]\ntype = \"classic\"\n[queues.ok]\n",
+        )
+        .expect("parses");
+        let warnings = config.warnings();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[0].contains("queues.long.job_timeout")
+                && warnings[0].contains("consumer_timeout")
+        );
+        assert!(warnings[1].contains("queues.old") && warnings[1].contains("at-most-once"));
     }
 
     #[test]

@@ -91,6 +91,9 @@ async fn main() -> ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let config = Config::load(args.config.as_deref())?;
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     let dispatcher = Dispatcher::connect(&config)
         .await
         .context("connecting to RabbitMQ")?;

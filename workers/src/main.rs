@@ -47,6 +47,9 @@ async fn main() -> ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let mut config = Config::load(args.config.as_deref())?;
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     if let Some(concurrency) = args.concurrency {
         config.worker.concurrency = concurrency;
         config.validate()?;
