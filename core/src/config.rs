@@ -28,18 +28,32 @@ pub const DEFAULT_CONFIG_PATH: &str = "config/warren.toml";
 pub const BROKER_CONSUMER_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 /// The whole configuration.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone, Default)]
 pub struct Config {
     pub broker: BrokerConfig,
     pub jobs: JobsConfig,
     pub dispatcher: DispatcherConfig,
     pub worker: WorkerConfig,
-    /// Per-queue settings. A queue that is not listed uses [`QueueConfig::default`].
+    /// `[queue_defaults]`: the settings of every queue, unless its own section says otherwise.
+    pub queue_defaults: QueueConfig,
+    /// `[queues.NAME]`: per-queue settings, already merged over `queue_defaults`. A queue that
+    /// is not listed uses `queue_defaults`.
     pub queues: BTreeMap<String, QueueConfig>,
     /// Where this configuration was read from, for error messages.
-    #[serde(skip)]
     pub source: ConfigSource,
+}
+
+/// The file as written: queue sections stay raw tables until they are merged over
+/// `[queue_defaults]`, so a queue section only needs the keys it changes.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct FileConfig {
+    broker: BrokerConfig,
+    jobs: JobsConfig,
+    dispatcher: DispatcherConfig,
+    worker: WorkerConfig,
+    queue_defaults: toml::Table,
+    queues: BTreeMap<String, toml::Table>,
 }
 
 /// Where a [`Config`] came from.
@@ -235,11 +249,8 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("invalid config file {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        source: Box<toml::de::Error>,
-    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
     #[error("invalid config {origin}: `{key}` {reason}")]
     Invalid {
         origin: ConfigSource,
@@ -284,17 +295,36 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        let mut config = Config::from_toml(&text).map_err(|source| ConfigError::Parse {
+        let mut config = Config::from_toml(&text).map_err(|message| ConfigError::Parse {
             path: path.to_path_buf(),
-            source: Box::new(source),
+            message,
         })?;
         config.source = ConfigSource::File(path.to_path_buf());
         Ok(config)
     }
 
     /// Parses TOML text, without validating it.
-    pub fn from_toml(text: &str) -> Result<Config, toml::de::Error> {
-        toml::from_str(text)
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        let file: FileConfig = toml::from_str(text).map_err(|err| err.to_string())?;
+        let queue = |key: &str, table: toml::Table| {
+            QueueConfig::deserialize(toml::Value::Table(table))
+                .map_err(|err| format!("in [{key}]: {err}"))
+        };
+        let queue_defaults = queue("queue_defaults", file.queue_defaults.clone())?;
+        let mut queues = BTreeMap::new();
+        for (name, table) in file.queues {
+            let merged = merge(file.queue_defaults.clone(), table);
+            queues.insert(name.clone(), queue(&format!("queues.{name}"), merged)?);
+        }
+        Ok(Config {
+            broker: file.broker,
+            jobs: file.jobs,
+            dispatcher: file.dispatcher,
+            worker: file.worker,
+            queue_defaults,
+            queues,
+            source: ConfigSource::Defaults,
+        })
     }
 
     /// Settings that are valid but probably not what the operator wants, one sentence each.
@@ -324,9 +354,12 @@ impl Config {
         warnings
     }
 
-    /// The settings of one queue: its own section, or the defaults.
+    /// The settings of one queue: its own section, or `[queue_defaults]`.
     pub fn queue(&self, name: &str) -> QueueConfig {
-        self.queues.get(name).cloned().unwrap_or_default()
+        self.queues
+            .get(name)
+            .unwrap_or(&self.queue_defaults)
+            .clone()
     }
 
     /// Checks what the types alone cannot. The first problem found is returned.
@@ -369,6 +402,9 @@ impl Config {
                 "must be at least 1".into(),
             ));
         }
+        self.queue_defaults
+            .validate()
+            .map_err(|(key, reason)| invalid(format!("queue_defaults.{key}"), reason))?;
         for (name, queue) in &self.queues {
             if let Err(reason) = topology::validate_queue_name(name) {
                 return Err(invalid(format!("queues.{name}"), reason.to_string()));
@@ -425,6 +461,21 @@ impl QueueConfig {
     }
 }
 
+/// `over` laid on `base`, key by key; nested tables (like `retry`) are merged too.
+fn merge(mut base: toml::Table, over: toml::Table) -> toml::Table {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(inner)), toml::Value::Table(value)) => {
+                *inner = merge(std::mem::take(inner), value);
+            }
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+    base
+}
+
 /// Serde glue for durations written as `"30s"`, `"5m"`, `"1h 30m"`.
 mod humane {
     use std::time::Duration;
@@ -456,10 +507,11 @@ mod tests {
         let config = Config::from_toml(include_str!("../../config/warren.toml")).expect("parses");
         config.validate().expect("valid");
         assert_eq!(
-            config.queue("default"),
+            config.queue_defaults,
             QueueConfig::default(),
             "it documents the defaults"
         );
+        assert_eq!(config.queue("unlisted"), QueueConfig::default());
         assert_eq!(config.queue("demo").retry.max_attempts, 3);
     }
 
@@ -480,6 +532,36 @@ mod tests {
         assert_eq!(emails.retry.max_attempts, 3);
         assert_eq!(emails.retry.initial_delay, Duration::from_secs(2));
         config.validate().expect("valid");
+    }
+
+    #[test]
+    fn queue_sections_override_the_defaults_key_by_key() {
+        let config = Config::from_toml(
+            r#"
+            [queue_defaults]
+            delivery_limit = 4
+            retry = { max_attempts = 7, initial_delay = "3s" }
+            [queues.fast.retry]
+            initial_delay = "1s"
+            "#,
+        )
+        .expect("parses");
+        let fast = config.queue("fast");
+        assert_eq!(fast.delivery_limit, 4);
+        assert_eq!(
+            fast.retry.max_attempts, 7,
+            "inherited from queue_defaults.retry"
+        );
+        assert_eq!(fast.retry.initial_delay, Duration::from_secs(1));
+        assert_eq!(
+            config.queue("other").retry.initial_delay,
+            Duration::from_secs(3)
+        );
+        let err = Config::from_toml("[queues.q]\ndelivery_limt = 1\n").expect_err("typo");
+        assert!(
+            err.contains("queues.q") && err.contains("delivery_limt"),
+            "{err}"
+        );
     }
 
     #[test]

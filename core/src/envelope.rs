@@ -202,7 +202,7 @@ impl Job {
             _ => return Err(DecodeError::MissingKind),
         };
         if let Some(content_type) = properties.content_type()
-            && !content_type.as_str().eq_ignore_ascii_case(CONTENT_TYPE)
+            && !is_json(content_type.as_str())
         {
             return Err(DecodeError::ContentType(content_type.as_str().to_owned()));
         }
@@ -241,21 +241,20 @@ pub enum DecodeError {
     BadAttempt(String),
 }
 
+/// True for `application/json`, with or without parameters such as `; charset=utf-8`.
+fn is_json(content_type: &str) -> bool {
+    let media_type = content_type.split(';').next().unwrap_or_default();
+    media_type.trim().eq_ignore_ascii_case(CONTENT_TYPE)
+}
+
 /// Reads [`ATTEMPT`]: absent means 1 (a job from a plain AMQP client); anything but a
 /// positive integer is an error.
 fn attempt(headers: Option<&FieldTable>) -> Result<u32, DecodeError> {
     let Some(value) = headers.and_then(|h| h.inner().get(ATTEMPT)) else {
         return Ok(1);
     };
-    let number = match value {
-        AMQPValue::ShortShortInt(n) => i64::from(*n),
-        AMQPValue::ShortShortUInt(n) => i64::from(*n),
-        AMQPValue::ShortInt(n) => i64::from(*n),
-        AMQPValue::ShortUInt(n) => i64::from(*n),
-        AMQPValue::LongInt(n) => i64::from(*n),
-        AMQPValue::LongUInt(n) => i64::from(*n),
-        AMQPValue::LongLongInt(n) => *n,
-        other => return Err(DecodeError::BadAttempt(format!("{other:?}"))),
+    let Some(number) = integer(value) else {
+        return Err(DecodeError::BadAttempt(format!("{value:?}")));
     };
     u32::try_from(number)
         .ok()
@@ -272,7 +271,7 @@ pub fn retry_properties(original: &BasicProperties, next_attempt: u32) -> BasicP
         ATTEMPT.into(),
         AMQPValue::LongLongInt(i64::from(next_attempt)),
     );
-    original.clone().with_headers(headers)
+    copy_of(original).with_headers(headers)
 }
 
 /// Why and how a job was given up on; written as headers on the dead-lettered message.
@@ -324,8 +323,51 @@ impl DeadLetter {
         put(FAILED_AT, timestamp_value(SystemTime::now()));
         put(WORKER, long_string(&self.worker));
         put(QUEUE, long_string(&self.queue));
-        original.clone().with_headers(headers)
+        copy_of(original).with_headers(headers)
     }
+}
+
+/// The original's properties for a copy the worker publishes, less two that would harm it:
+/// `user_id` (RabbitMQ checks it against the publishing connection's user and closes the
+/// channel on a mismatch; the worker is rarely the user who submitted the job) and
+/// `expiration` (a per-message TTL would cut a retry's delay short, or silently drop a dead
+/// letter).
+fn copy_of(original: &BasicProperties) -> BasicProperties {
+    let mut copy = BasicProperties::default();
+    if let Some(v) = original.content_type() {
+        copy = copy.with_content_type(v.clone());
+    }
+    if let Some(v) = original.content_encoding() {
+        copy = copy.with_content_encoding(v.clone());
+    }
+    if let Some(v) = original.delivery_mode() {
+        copy = copy.with_delivery_mode(*v);
+    }
+    if let Some(v) = original.priority() {
+        copy = copy.with_priority(*v);
+    }
+    if let Some(v) = original.correlation_id() {
+        copy = copy.with_correlation_id(v.clone());
+    }
+    if let Some(v) = original.reply_to() {
+        copy = copy.with_reply_to(v.clone());
+    }
+    if let Some(v) = original.message_id() {
+        copy = copy.with_message_id(v.clone());
+    }
+    if let Some(v) = original.timestamp() {
+        copy = copy.with_timestamp(*v);
+    }
+    if let Some(v) = original.kind() {
+        copy = copy.with_type(v.clone());
+    }
+    if let Some(v) = original.app_id() {
+        copy = copy.with_app_id(v.clone());
+    }
+    if let Some(v) = original.cluster_id() {
+        copy = copy.with_cluster_id(v.clone());
+    }
+    copy.with_delivery_mode(PERSISTENT)
 }
 
 /// The original headers minus what the broker adds on each dead-letter hop.
@@ -360,10 +402,19 @@ pub fn header_str<'a>(
 
 /// Reads a header as an integer, if it is one.
 pub fn header_int(properties: &BasicProperties, key: &str) -> Option<i64> {
-    match properties.headers().as_ref()?.inner().get(key)? {
-        AMQPValue::LongLongInt(n) => Some(*n),
+    integer(properties.headers().as_ref()?.inner().get(key)?)
+}
+
+/// An AMQP integer of any width, as i64.
+fn integer(value: &AMQPValue) -> Option<i64> {
+    match value {
+        AMQPValue::ShortShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortUInt(n) => Some(i64::from(*n)),
         AMQPValue::LongInt(n) => Some(i64::from(*n)),
         AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongLongInt(n) => Some(*n),
         _ => None,
     }
 }
@@ -469,6 +520,29 @@ mod tests {
                 Err(DecodeError::BadAttempt(_))
             ));
         }
+    }
+
+    #[test]
+    fn json_with_a_charset_is_json() {
+        let props = BasicProperties::default()
+            .with_message_id("x".into())
+            .with_type("k".into())
+            .with_content_type("Application/JSON; charset=utf-8".into());
+        assert!(Job::decode(&props, b"{}", 1024).is_ok());
+    }
+
+    #[test]
+    fn copies_drop_user_id_and_expiration() {
+        let original = BasicProperties::default()
+            .with_message_id("x".into())
+            .with_user_id("alice".into())
+            .with_expiration("1000".into())
+            .with_correlation_id("c".into());
+        let retry = retry_properties(&original, 2);
+        assert_eq!(retry.user_id(), &None);
+        assert_eq!(retry.expiration(), &None);
+        assert_eq!(retry.correlation_id(), original.correlation_id());
+        assert_eq!(retry.delivery_mode(), &Some(2), "copies are persistent");
     }
 
     #[test]

@@ -16,6 +16,11 @@
 //! RabbitMQ close the channel with `PRECONDITION_FAILED`; [`declare`] turns that into
 //! [`TopologyError::Mismatch`] naming the queue and the argument.
 //!
+//! A delayed job whose work queue was deleted meanwhile matches no binding on
+//! `warren.delay.deliver`; that exchange's alternate exchange sends it to the
+//! `warren.unroutable` queue, where it can be seen, instead of leaving it stuck in a delay
+//! level.
+//!
 //! Why the arguments are what they are:
 //! - quorum queues replicate and fsync, so a confirmed job survives a broker crash
 //!   (<https://www.rabbitmq.com/docs/quorum-queues>);
@@ -42,6 +47,9 @@ pub const JOBS_EXCHANGE: &str = "warren.jobs";
 pub const DEAD_EXCHANGE: &str = "warren.dead";
 /// The last hop of a delay: routes a message whose time is up to its work queue.
 pub const DELAY_DELIVER_EXCHANGE: &str = "warren.delay.deliver";
+/// Exchange and queue that catch a delayed job whose work queue no longer exists, so that it
+/// is kept in sight instead of circling in the delay levels.
+pub const UNROUTABLE: &str = "warren.unroutable";
 /// Suffix of every dead-letter queue.
 pub const DEAD_SUFFIX: &str = ".dead";
 /// Longest queue name: the delay routing key adds 44 bytes and must fit in 255.
@@ -116,6 +124,14 @@ pub fn work_queue_arguments(name: &str, queue: &QueueConfig) -> FieldTable {
         args.long("x-delivery-limit", i64::from(queue.delivery_limit));
         args.at_least_once_dead_lettering();
     }
+    args.0
+}
+
+/// The arguments of [`DELAY_DELIVER_EXCHANGE`]: what matches no work queue goes to
+/// [`UNROUTABLE`].
+pub fn deliver_exchange_arguments() -> FieldTable {
+    let mut args = Arguments(FieldTable::default());
+    args.string("alternate-exchange", UNROUTABLE);
     args.0
 }
 
@@ -203,10 +219,14 @@ pub enum TopologyError {
     #[error("invalid queue name `{name}`: {reason}")]
     InvalidName { name: String, reason: NameError },
     #[error(
-        "queue `{queue}` already exists with different settings: {detail}. Delete the queue \
-         (after draining it) or change the config to match"
+        "{what} `{name}` already exists with different settings: {detail}. Delete it (after \
+         draining it) or change the config to match"
     )]
-    Mismatch { queue: String, detail: String },
+    Mismatch {
+        what: &'static str,
+        name: String,
+        detail: String,
+    },
     #[error("declaring {what}: {source}")]
     Broker { what: String, source: lapin::Error },
 }
@@ -231,8 +251,21 @@ pub async fn declare(
     }
     d.exchange(JOBS_EXCHANGE, ExchangeKind::Direct).await?;
     d.exchange(DEAD_EXCHANGE, ExchangeKind::Direct).await?;
-    d.exchange(DELAY_DELIVER_EXCHANGE, ExchangeKind::Topic)
+    d.exchange_with(UNROUTABLE, ExchangeKind::Fanout, FieldTable::default())
         .await?;
+    d.queue(
+        UNROUTABLE,
+        "quorum",
+        Arguments::of_type(QueueType::Quorum).0,
+    )
+    .await?;
+    d.bind_queue(UNROUTABLE, UNROUTABLE, "").await?;
+    d.exchange_with(
+        DELAY_DELIVER_EXCHANGE,
+        ExchangeKind::Topic,
+        deliver_exchange_arguments(),
+    )
+    .await?;
     for level in (0..delay::LEVELS).rev() {
         d.exchange(&delay_level(level), ExchangeKind::Topic).await?;
     }
@@ -272,8 +305,18 @@ struct Declarer<'a> {
 
 impl Declarer<'_> {
     async fn exchange(&mut self, name: &str, kind: ExchangeKind) -> Result<(), TopologyError> {
+        self.exchange_with(name, kind, FieldTable::default()).await
+    }
+
+    async fn exchange_with(
+        &mut self,
+        name: &str,
+        kind: ExchangeKind,
+        args: FieldTable,
+    ) -> Result<(), TopologyError> {
         let kind_name = match kind {
             ExchangeKind::Direct => "direct",
+            ExchangeKind::Fanout => "fanout",
             _ => "topic",
         };
         let options = ExchangeDeclareOptions {
@@ -281,9 +324,16 @@ impl Declarer<'_> {
             ..Default::default()
         };
         self.channel
-            .exchange_declare(name.into(), kind, options, FieldTable::default())
+            .exchange_declare(name.into(), kind, options, args)
             .await
-            .map_err(|source| broker(format!("exchange `{name}`"), source))?;
+            .map_err(|source| match precondition_failed(&source) {
+                Some(detail) => TopologyError::Mismatch {
+                    what: "exchange",
+                    name: name.to_owned(),
+                    detail,
+                },
+                None => broker(format!("exchange `{name}`"), source),
+            })?;
         self.done.push(Declared::Exchange {
             name: name.to_owned(),
             kind: kind_name,
@@ -306,7 +356,8 @@ impl Declarer<'_> {
             .await
             .map_err(|source| match precondition_failed(&source) {
                 Some(detail) => TopologyError::Mismatch {
-                    queue: name.to_owned(),
+                    what: "queue",
+                    name: name.to_owned(),
                     detail,
                 },
                 None => broker(format!("queue `{name}`"), source),

@@ -50,7 +50,8 @@ enum Command {
         #[command(subcommand)]
         action: TopologyAction,
     },
-    /// Show messages of a queue (e.g. QUEUE.dead) without removing them.
+    /// Show messages of a dead-letter queue (QUEUE.dead) without removing them. On a work
+    /// queue, a peek counts as a delivery towards the queue's delivery limit.
     Peek {
         #[arg(long)]
         queue: String,

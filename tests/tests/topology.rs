@@ -121,11 +121,8 @@ async fn conflicting_queue_arguments_are_a_clear_error() {
         .expect_err("mismatch");
 
     match &err {
-        TopologyError::Mismatch {
-            queue: named,
-            detail,
-        } => {
-            assert_eq!(named, &queue);
+        TopologyError::Mismatch { what, name, detail } => {
+            assert_eq!((*what, name), ("queue", &queue));
             // RabbitMQ names the first argument it finds different (type, dead-letter exchange, ...).
             assert!(detail.contains("inequivalent arg 'x-"), "{detail}");
         }
@@ -153,4 +150,58 @@ async fn conflicting_queue_arguments_are_a_clear_error() {
 
     let cleanup_channel = connection.create_channel().await.expect("channel");
     cleanup(&cleanup_channel, &[&queue]).await;
+}
+
+/// Given a job waiting in the delay levels, when its work queue is deleted meanwhile, then at
+/// the end of the delay it lands in `warren.unroutable` instead of circling in a delay queue.
+#[tokio::test]
+async fn a_delayed_job_for_a_deleted_queue_lands_in_unroutable() {
+    let queue = unique_queue("gone");
+    let config = config(&[&queue]);
+    let _dispatcher = dispatcher(&config).await;
+    let connection = connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let id = format!("unroutable-{queue}");
+
+    let (exchange, key) = topology::delay_route(1, &queue);
+    let properties = BasicProperties::default().with_message_id(id.as_str().into());
+    let options = BasicPublishOptions {
+        mandatory: true,
+        ..Default::default()
+    };
+    channel
+        .basic_publish(
+            exchange.as_str().into(),
+            key.as_str().into(),
+            options,
+            b"{}",
+            properties,
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    cleanup(&channel, &[&queue]).await;
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = take_messages(&channel, topology::UNROUTABLE, 1, Duration::from_secs(30)).await;
+        let got_id = got[0]
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.to_string());
+        if got_id.as_deref() == Some(id.as_str()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "our job never reached {}",
+            topology::UNROUTABLE
+        );
+    }
 }
