@@ -128,6 +128,11 @@ impl Dispatcher {
             Ok(()) => Ok(message.id),
             Err(PublishError::Unroutable { .. }) => Err(SubmitError::UnknownQueue(job.queue)),
             Err(PublishError::Channel(err)) if is_not_found(&err) => Err(SubmitError::NoTopology),
+            Err(err @ PublishError::Nacked { .. }) => {
+                // A channel can stay stuck nacking after a cluster node loss: use a new one.
+                self.links.discard(&link).await;
+                Err(SubmitError::Publish(err))
+            }
             Err(err) => Err(SubmitError::Publish(err)),
         }
     }

@@ -120,6 +120,32 @@ impl Links {
         })
     }
 
+    /// Drops `link` if it is still the current one, so that the next submit opens a fresh
+    /// connection and channel; the old connection is closed after `timeout`, once the
+    /// confirms still pending on it have arrived.
+    ///
+    /// For a nacked publish: RabbitMQ 3.10 can leave a channel that first published to a
+    /// quorum queue while the queue's leader node was down nacking every later publish to
+    /// that queue until the node is back, even though a new leader was elected at once
+    /// (scenario 3 of docs/FAULTS.md). A new channel is not affected.
+    pub async fn discard(&self, link: &Link) {
+        let mut current = self.current.lock().await;
+        let same = current
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(&c.connection, &link.connection));
+        if !same {
+            return;
+        }
+        let Some(old) = current.take() else { return };
+        tracing::warn!("the broker refused a publish; reopening the connection");
+        let timeout = self.timeout;
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            let _ =
+                tokio::time::timeout(timeout, old.connection.close(200, "reopened".into())).await;
+        });
+    }
+
     /// Closes the current link, if any.
     pub async fn close(&self) {
         if let Some(link) = self.current.lock().await.take() {
