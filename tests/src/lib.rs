@@ -471,3 +471,5 @@ pub fn close_connections(name_contains: &str) -> usize {
     }
     closed
 }
+
+pub mod fault;

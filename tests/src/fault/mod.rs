@@ -1,0 +1,457 @@
+//! The fault-injection suite: real `fault-worker` processes and a real dispatcher against the
+//! suite's own RabbitMQ nodes, one fault per scenario, counted with an independent sink.
+//!
+//! Each scenario runs in a fresh vhost of its node, so that its queues, delay levels and
+//! channels are its own. After the faults stop it waits until everything settled, checks that
+//! nothing is stuck (0 ready and 0 unacked everywhere, the queues' unacked equal to the
+//! channels'), stops the workers, drains the dead-letter queues and counts (see
+//! [`check::count`]):
+//!
+//! - processed = unique ids in the sink; duplicates = sink lines − processed;
+//! - dead-lettered = messages in `<queue>.dead`;
+//! - lost = confirmed ids neither processed nor dead;
+//! - unexpected = processed or dead ids never submitted;
+//! - unconfirmed-but-arrived = submits that never returned Ok whose job arrived anyway
+//!   (at-least-once allows it; reported apart);
+//! - recovery = from the fault to the first job recorded whose handler started after the
+//!   fault had taken effect (see each scenario).
+//!
+//! `docs/FAULTS.md` describes the scenarios; `scripts/faults` runs them.
+
+pub mod bad_input;
+pub mod check;
+pub mod node;
+pub mod procs;
+pub mod relay;
+pub mod scenarios;
+pub mod sink;
+pub mod submit;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use serde_json::Value;
+use warren_core::config::Config;
+use warren_core::envelope::NewJob;
+use warren_dispatcher::Dispatcher;
+
+use check::{Counts, Ledger};
+use node::Node;
+use procs::{Pool, WorkerSpec};
+use sink::{Sink, Tally};
+
+/// Milliseconds since the epoch (the sink's clock).
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// The `warren.toml` of a scenario: its one queue and the knobs the scenarios turn.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub heartbeat: &'static str,
+    pub connect_timeout: &'static str,
+    pub operation_timeout: &'static str,
+    pub blocked_timeout: &'static str,
+    pub max_payload_bytes: usize,
+    pub max_in_flight: usize,
+    pub concurrency: u16,
+    pub shutdown_grace: &'static str,
+    pub delivery_limit: u32,
+    pub job_timeout: &'static str,
+    pub max_attempts: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            heartbeat: "10s",
+            connect_timeout: "5s",
+            operation_timeout: "5s",
+            blocked_timeout: "30s",
+            max_payload_bytes: 1024 * 1024,
+            max_in_flight: 1000,
+            concurrency: 8,
+            shutdown_grace: "5s",
+            delivery_limit: 10,
+            job_timeout: "30s",
+            max_attempts: 3,
+        }
+    }
+}
+
+impl Settings {
+    pub fn toml(&self, urls: &[String], queue: &str) -> String {
+        let (first, rest) = urls.split_first().expect("at least one URL");
+        let rest: Vec<String> = rest.iter().map(|u| format!("{u:?}")).collect();
+        format!(
+            r#"[broker]
+url = {first:?}
+failover_urls = [{rest}]
+heartbeat = "{heartbeat}"
+connect_timeout = "{connect_timeout}"
+operation_timeout = "{operation_timeout}"
+blocked_timeout = "{blocked_timeout}"
+
+[jobs]
+max_payload_bytes = {max_payload_bytes}
+
+[dispatcher]
+max_in_flight = {max_in_flight}
+
+[worker]
+concurrency = {concurrency}
+shutdown_grace = "{shutdown_grace}"
+
+[queues.{queue}]
+delivery_limit = {delivery_limit}
+job_timeout = "{job_timeout}"
+
+[queues.{queue}.retry]
+max_attempts = {max_attempts}
+initial_delay = "1s"
+multiplier = 2.0
+max_delay = "4s"
+jitter = 0.0
+"#,
+            rest = rest.join(", "),
+            heartbeat = self.heartbeat,
+            connect_timeout = self.connect_timeout,
+            operation_timeout = self.operation_timeout,
+            blocked_timeout = self.blocked_timeout,
+            max_payload_bytes = self.max_payload_bytes,
+            max_in_flight = self.max_in_flight,
+            concurrency = self.concurrency,
+            shutdown_grace = self.shutdown_grace,
+            delivery_limit = self.delivery_limit,
+            job_timeout = self.job_timeout,
+            max_attempts = self.max_attempts,
+        )
+    }
+}
+
+/// One scenario's place: its node(s), vhost, queue, files.
+pub struct Scenario {
+    pub number: u8,
+    pub name: &'static str,
+    /// The node `rabbitmqctl` is run against.
+    pub node: Node,
+    /// Every node whose address clients get, in order.
+    pub nodes: Vec<Node>,
+    pub vhost: String,
+    pub queue: String,
+    pub dir: PathBuf,
+    pub sink: Sink,
+    pub bin: PathBuf,
+    pub started: Instant,
+}
+
+impl Scenario {
+    /// Creates the scenario's vhost and directory.
+    pub async fn new(
+        number: u8,
+        name: &'static str,
+        nodes: Vec<Node>,
+        bin: &Path,
+    ) -> anyhow::Result<Scenario> {
+        let tag = uuid::Uuid::now_v7().simple().to_string();
+        let tag = &tag[tag.len() - 6..];
+        let vhost = format!("fault-{number}-{tag}");
+        let dir = node::run_dir().join(format!("{number}-{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).with_context(|| format!("{}", dir.display()))?;
+        let node = nodes[0].clone();
+        node.add_vhost(&vhost).await?;
+        Ok(Scenario {
+            number,
+            name,
+            node,
+            nodes,
+            queue: format!("jobs-{number}"),
+            sink: Sink::new(dir.join("sink.txt")),
+            vhost,
+            dir,
+            bin: bin.to_path_buf(),
+            started: Instant::now(),
+        })
+    }
+
+    /// The AMQP URLs of the nodes, with this scenario's vhost.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.url(&self.vhost)).collect()
+    }
+
+    /// Writes `settings` as `<label>.toml` for the given addresses; returns its path.
+    pub fn write_config(&self, label: &str, settings: &Settings, urls: &[String]) -> PathBuf {
+        let path = self.dir.join(format!("{label}.toml"));
+        std::fs::write(&path, settings.toml(urls, &self.queue)).expect("writing a config");
+        path
+    }
+
+    /// The same settings as a [`Config`], for the dispatcher in this process.
+    pub fn config(&self, settings: &Settings, urls: &[String]) -> Config {
+        let config = Config::from_toml(&settings.toml(urls, &self.queue)).expect("valid TOML");
+        config.validate().expect("valid config");
+        config
+    }
+
+    /// A worker process spec on this scenario's queue and sink.
+    pub fn worker(&self, label: &str, settings: &Settings, urls: &[String]) -> WorkerSpec {
+        let config = self.write_config(label, settings, urls);
+        WorkerSpec {
+            bin: self.bin.clone(),
+            label: label.to_owned(),
+            queues: vec![self.queue.clone()],
+            concurrency: settings.concurrency,
+            config,
+            urls: urls.join(","),
+            sink: self.sink.path.clone(),
+            dir: self.dir.clone(),
+        }
+    }
+
+    /// A connected dispatcher that declared the scenario's queue.
+    pub async fn dispatcher(
+        &self,
+        settings: &Settings,
+        urls: &[String],
+    ) -> anyhow::Result<Arc<Dispatcher>> {
+        let config = self.config(settings, urls);
+        let dispatcher = Dispatcher::connect(&config).await?;
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            dispatcher.apply_topology(std::slice::from_ref(&self.queue)),
+        )
+        .await
+        .context("declaring the topology: no answer")??;
+        Ok(Arc::new(dispatcher))
+    }
+
+    /// `n` jobs of `kind` with `payload`, each with its own id.
+    pub fn jobs(&self, n: usize, kind: &str, payload: &Value) -> Vec<NewJob> {
+        (0..n)
+            .map(|_| {
+                NewJob::new(&self.queue, kind, payload).with_id(uuid::Uuid::now_v7().to_string())
+            })
+            .collect()
+    }
+
+    /// Settles, checks, stops the workers, drains, counts; fills `report`. Returns the dead
+    /// letters for the scenario's own checks.
+    pub async fn finish(
+        &self,
+        pool: &mut Pool,
+        ledger: &Ledger,
+        report: &mut Report,
+        settle: Duration,
+    ) -> anyhow::Result<Vec<check::DeadMessage>> {
+        if let Err(err) = check::wait_settled(
+            &self.node,
+            &self.vhost,
+            &self.sink,
+            &ledger.confirmed,
+            settle,
+        )
+        .await
+        {
+            report.fail(format!("{err:#}"));
+        }
+        let patience = Duration::from_secs(15);
+        let problems = check::stuck_check(&self.node, &self.vhost, false, patience).await?;
+        for problem in problems {
+            report.fail(format!("stuck (workers running): {problem}"));
+        }
+        let killed = pool.stop(Duration::from_secs(20)).await;
+        if !killed.is_empty() {
+            report.note(format!(
+                "workers killed after a graceful stop timed out: {killed:?}"
+            ));
+        }
+        let dead = check::drain_dead(&self.node, &self.vhost).await?;
+        let problems = check::stuck_check(&self.node, &self.vhost, true, patience).await?;
+        for problem in problems {
+            report.fail(format!("stuck (after drain): {problem}"));
+        }
+        let tally = Tally::of(&self.sink.lines());
+        report.set_counts(check::count(ledger, &tally, &dead));
+        Ok(dead)
+    }
+
+    /// Deletes the vhost (everything in it).
+    pub async fn cleanup(&self) {
+        let _ = self.node.delete_vhost(&self.vhost).await;
+    }
+}
+
+/// The outcome of one scenario.
+#[derive(Debug, Default, Clone)]
+pub struct Report {
+    /// `1` to `8`, or `5b` for a variant.
+    pub number: String,
+    pub name: String,
+    pub counts: Counts,
+    /// Seconds from each fault to processing again.
+    pub recovery: Vec<f64>,
+    /// Shown instead of the list of recovery times, when set.
+    pub recovery_label: Option<String>,
+    pub wall: Duration,
+    pub notes: Vec<String>,
+    pub failures: Vec<String>,
+}
+
+impl Report {
+    pub fn new(number: impl ToString, name: &str) -> Report {
+        Report {
+            number: number.to_string(),
+            name: name.to_owned(),
+            ..Report::default()
+        }
+    }
+
+    pub fn fail(&mut self, failure: impl Into<String>) {
+        let failure = failure.into();
+        eprintln!("[{} {}] FAILURE: {failure}", self.number, self.name);
+        self.failures.push(failure);
+    }
+
+    pub fn note(&mut self, note: impl Into<String>) {
+        let mut note: String = note.into();
+        if note.len() > 300 {
+            let mut cut = 297;
+            while !note.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            note.truncate(cut);
+            note.push_str("...");
+        }
+        eprintln!("[{} {}] {note}", self.number, self.name);
+        self.notes.push(note);
+    }
+
+    pub fn check(&mut self, ok: bool, failure: impl Into<String>) {
+        if !ok {
+            self.fail(failure);
+        }
+    }
+
+    /// Records the counts and applies the common assertions: lost = 0, unexpected = 0,
+    /// duplicates at most 5% of the jobs.
+    pub fn set_counts(&mut self, counts: Counts) {
+        if counts.lost > 0 {
+            self.fail(format!(
+                "{} confirmed jobs lost, e.g. {:?}",
+                counts.lost,
+                &counts.lost_ids[..counts.lost_ids.len().min(5)]
+            ));
+        }
+        if counts.unexpected > 0 {
+            self.fail(format!(
+                "{} unexpected jobs, e.g. {:?}",
+                counts.unexpected,
+                &counts.unexpected_ids[..counts.unexpected_ids.len().min(5)]
+            ));
+        }
+        let bound = counts.submitted.div_ceil(20);
+        if counts.duplicates > bound {
+            self.fail(format!(
+                "{} duplicates, over the bound of {bound} (5%)",
+                counts.duplicates
+            ));
+        }
+        if counts.duplicates > 0 {
+            self.note(format!(
+                "duplicates (id × times recorded, first 10): {:?}",
+                counts.duplicate_sample
+            ));
+        }
+        self.counts = counts;
+    }
+
+    /// Recovery times as `1.2s/3.4s`.
+    pub fn recovery_text(&self) -> String {
+        if let Some(label) = &self.recovery_label {
+            return label.clone();
+        }
+        if self.recovery.is_empty() {
+            return "-".into();
+        }
+        self.recovery
+            .iter()
+            .map(|s| {
+                if *s < 1.0 {
+                    format!("{s:.2}s")
+                } else {
+                    format!("{s:.1}s")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+
+    /// `pass`, `FAIL`, or a pass with a known limitation noted.
+    pub fn result(&self) -> &'static str {
+        let limited = self.notes.iter().any(|n| n.starts_with("LIMITATION"));
+        match (self.failures.is_empty(), limited) {
+            (false, _) => "FAIL",
+            (true, true) => "pass (limitation: see notes)",
+            (true, false) => "pass",
+        }
+    }
+
+    /// The one line a scenario prints.
+    pub fn line(&self) -> String {
+        let c = &self.counts;
+        format!(
+            "scenario {} {}: submitted={} confirmed={} processed={} duplicates={} dead-lettered={} lost={} unexpected={} unconfirmed-but-arrived={} recovery={} wall={:.0}s {}",
+            self.number,
+            self.name,
+            c.submitted,
+            c.confirmed,
+            c.processed,
+            c.duplicates,
+            c.dead,
+            c.lost,
+            c.unexpected,
+            c.unconfirmed_arrived,
+            self.recovery_text(),
+            self.wall.as_secs_f64(),
+            if self.failures.is_empty() {
+                "PASS"
+            } else {
+                "FAIL"
+            }
+        )
+    }
+}
+
+/// The final table (Markdown).
+pub fn table(reports: &[Report]) -> String {
+    let mut out = String::from(
+        "| # | scenario | submitted | confirmed | processed | duplicates | dead-lettered | lost | unexpected | unconfirmed but arrived | recovery | wall | result |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|\n",
+    );
+    for r in reports {
+        let c = &r.counts;
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0}s | {} |\n",
+            r.number,
+            r.name,
+            c.submitted,
+            c.confirmed,
+            c.processed,
+            c.duplicates,
+            c.dead,
+            c.lost,
+            c.unexpected,
+            c.unconfirmed_arrived,
+            r.recovery_text(),
+            r.wall.as_secs_f64(),
+            r.result()
+        ));
+    }
+    out
+}
