@@ -58,28 +58,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     builtin::register(&mut registry);
 
     let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
+    tokio::spawn(warren_workers::worker::stop_on_signal(shutdown.clone()));
     let worker = args
         .queues
         .into_iter()
         .fold(Worker::new(config, registry), Worker::queue);
     worker.run(shutdown).await?;
     Ok(())
-}
-
-/// Cancels `shutdown` on SIGTERM or SIGINT.
-async fn stop_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot listen for SIGTERM/SIGINT");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
-    shutdown.cancel();
 }

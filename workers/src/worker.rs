@@ -413,3 +413,21 @@ fn worker_id() -> String {
         .unwrap_or_else(|_| "unknown-host".to_owned());
     format!("{host}:{}", std::process::id())
 }
+
+/// Cancels `shutdown` on SIGTERM or SIGINT: how `warren-worker` (and any binary built on this
+/// library) turns a signal into a graceful stop.
+pub async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot listen for SIGTERM/SIGINT");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    shutdown.cancel();
+}

@@ -170,7 +170,7 @@ async fn run() -> Result<(), String> {
         config.validate().map_err(|e| e.to_string())?;
     }
     let shutdown = CancellationToken::new();
-    tokio::spawn(stop_on_signal(shutdown.clone()));
+    tokio::spawn(warren_workers::worker::stop_on_signal(shutdown.clone()));
     let worker = args
         .queues
         .into_iter()
@@ -179,21 +179,4 @@ async fn run() -> Result<(), String> {
         .run(shutdown)
         .await
         .map_err(|e| warren_core::error_chain(&e))
-}
-
-/// Cancels `shutdown` on SIGTERM or SIGINT, like `warren-worker`.
-async fn stop_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot listen for SIGTERM/SIGINT");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
-    shutdown.cancel();
 }
