@@ -454,22 +454,29 @@ impl Drop for TempVhost {
 /// `name_contains`; returns how many were closed.
 pub fn close_connections(name_contains: &str) -> usize {
     let listing = broker_ctl(&["-q", "list_connections", "pid", "client_properties"]);
-    let mut closed = 0;
-    for line in listing.lines() {
-        let Some((pid, properties)) = line.split_once('\t') else {
-            continue;
-        };
-        let name = properties
-            .split("{\"connection_name\",\"")
-            .nth(1)
-            .and_then(|rest| rest.split('"').next())
-            .unwrap_or_default();
-        if pid.starts_with('<') && name.contains(name_contains) {
-            broker_ctl(&["close_connection", pid, "closed by a Warren test"]);
-            closed += 1;
-        }
+    let pids = connections_named(&listing, name_contains);
+    for pid in &pids {
+        broker_ctl(&["close_connection", pid, "closed by a Warren test"]);
     }
-    closed
+    pids.len()
+}
+
+/// The connection pids in a `rabbitmqctl list_connections pid client_properties` listing whose
+/// client-given name (`{"connection_name","..."}`) contains `name_contains`.
+pub fn connections_named<'a>(listing: &'a str, name_contains: &str) -> Vec<&'a str> {
+    listing
+        .lines()
+        .filter_map(|line| line.split_once('\t'))
+        .filter(|(pid, properties)| {
+            let name = properties
+                .split("{\"connection_name\",\"")
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .unwrap_or_default();
+            pid.starts_with('<') && name.contains(name_contains)
+        })
+        .map(|(pid, _)| pid)
+        .collect()
 }
 
 pub mod fault;

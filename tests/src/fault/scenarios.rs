@@ -680,27 +680,15 @@ async fn close_worker_connections(node: &Node, pid: u32) -> anyhow::Result<usize
             "--no-table-headers",
         ])
         .await?;
-    let needle = format!(":{pid} ");
     let mut closed = 0;
-    for line in listing.lines() {
-        let Some((conn, properties)) = line.split_once('\t') else {
-            continue;
-        };
-        // The client-given name is in client_properties: {"connection_name","..."}.
-        let name = properties
-            .split("{\"connection_name\",\"")
-            .nth(1)
-            .and_then(|rest| rest.split('"').next())
-            .unwrap_or_default();
-        if name.contains(&needle) {
-            // A connection that went away meanwhile is fine.
-            if node
-                .ctl(&["close_connection", conn, "fault suite: connection cut"])
-                .await
-                .is_ok()
-            {
-                closed += 1;
-            }
+    for conn in crate::connections_named(&listing, &format!(":{pid} ")) {
+        // A connection that went away meanwhile is fine.
+        if node
+            .ctl(&["close_connection", conn, "fault suite: connection cut"])
+            .await
+            .is_ok()
+        {
+            closed += 1;
         }
     }
     Ok(closed)
