@@ -480,3 +480,80 @@ pub fn connections_named<'a>(listing: &'a str, name_contains: &str) -> Vec<&'a s
 }
 
 pub mod fault;
+
+/// One test's stage: a unique queue, a dispatcher that declared it, an in-process worker
+/// running `registry` on it, and a channel for looking into the broker.
+pub struct Stage {
+    pub queue: String,
+    pub dispatcher: Dispatcher,
+    pub channel: Channel,
+    worker: Option<RunningWorker>,
+}
+
+impl Stage {
+    /// Sets the stage with the test config ([`config`]) for a queue named after `what`.
+    pub async fn new(what: &str, registry: Registry) -> Stage {
+        Stage::with(what, registry, |_| {}).await
+    }
+
+    /// Same, after `tweak` adjusted the queue's settings.
+    pub async fn with(
+        what: &str,
+        registry: Registry,
+        tweak: impl FnOnce(&mut QueueConfig),
+    ) -> Stage {
+        let queue = unique_queue(what);
+        let mut config = config(&[&queue]);
+        if let Some(settings) = config.queues.get_mut(&queue) {
+            tweak(settings);
+        }
+        let dispatcher = dispatcher(&config).await;
+        let worker = Some(start_worker(&config, registry, &[&queue]));
+        let channel = connect().await.create_channel().await.expect("channel");
+        Stage {
+            queue,
+            dispatcher,
+            channel,
+            worker,
+        }
+    }
+
+    /// Submits a job of `kind` to the stage's queue; panics unless it is confirmed.
+    pub async fn submit(&self, kind: &str, payload: Value) -> warren_core::JobId {
+        let job = warren_core::NewJob::new(&self.queue, kind, &payload);
+        self.dispatcher.submit(job).await.expect("submitted")
+    }
+
+    /// Takes the first `n` jobs from the queue's dead-letter queue, waiting up to 30 s.
+    pub async fn dead_letters(&self, n: usize) -> Vec<lapin::message::Delivery> {
+        let dead = warren_core::topology::dead_queue(&self.queue);
+        take_messages(&self.channel, &dead, n, Duration::from_secs(30)).await
+    }
+
+    /// Ready messages in the work queue and in its dead-letter queue.
+    pub async fn ready(&self) -> (u32, u32) {
+        let dead = warren_core::topology::dead_queue(&self.queue);
+        (
+            ready_count(&self.channel, &self.queue).await,
+            ready_count(&self.channel, &dead).await,
+        )
+    }
+
+    /// True while the worker runs.
+    pub fn worker_is_running(&self) -> bool {
+        self.worker.as_ref().is_some_and(RunningWorker::is_running)
+    }
+
+    /// Stops the worker gracefully (unacked jobs return to the queue).
+    pub async fn stop_worker(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.stop().await;
+        }
+    }
+
+    /// Stops the worker and deletes the stage's queues.
+    pub async fn end(mut self) {
+        self.stop_worker().await;
+        cleanup(&self.channel, &[&self.queue]).await;
+    }
+}

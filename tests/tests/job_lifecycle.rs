@@ -3,68 +3,56 @@
 
 use std::time::Duration;
 
-use serde_json::json;
-use warren_core::envelope::{self, NewJob};
+use serde_json::{Value, json};
+use warren_core::envelope;
 use warren_tests::*;
-use warren_workers::{JobError, Registry};
+use warren_workers::{JobContext, JobError, Registry};
 
 const DEADLINE: Duration = Duration::from_secs(30);
+
+/// A registry with one recorded handler for `kind`, answering with `answer`.
+fn recorded(
+    kind: &str,
+    answer: impl Fn(&Call) -> Result<Option<Value>, JobError> + Send + Sync + 'static,
+) -> (Recorder, Registry) {
+    let recorder = Recorder::new();
+    let mut registry = Registry::new();
+    recorder.handle(&mut registry, kind, answer);
+    (recorder, registry)
+}
 
 /// Given a worker for `echo`, when a job is submitted, then the handler runs once with the
 /// payload and the job is acked (nothing is left in the queue after the worker stops).
 #[tokio::test]
 async fn submitted_job_is_processed_and_acked() {
-    let queue = unique_queue("done");
-    let config = config(&[&queue]);
-    let dispatcher = dispatcher(&config).await;
-    let recorder = Recorder::new();
-    let mut registry = Registry::new();
-    recorder.handle(&mut registry, "echo", |call| Ok(Some(call.payload.clone())));
-    let worker = start_worker(&config, registry, &[&queue]);
+    let (recorder, registry) = recorded("echo", |call| Ok(Some(call.payload.clone())));
+    let mut stage = Stage::new("done", registry).await;
 
-    let id = dispatcher
-        .submit(NewJob::new(&queue, "echo", &json!({"n": 7})))
-        .await
-        .expect("submitted");
+    let id = stage.submit("echo", json!({"n": 7})).await;
 
     let calls = recorder.wait_for(1, DEADLINE).await;
     assert_eq!(calls[0].id, id.0);
     assert_eq!(calls[0].attempt, 1);
     assert_eq!(calls[0].payload, json!({"n": 7}));
-    worker.stop().await;
-    let channel = connect().await.create_channel().await.expect("channel");
-    assert_eq!(
-        ready_count(&channel, &queue).await,
-        0,
-        "the job was acked, not requeued"
-    );
-    assert_eq!(
-        ready_count(&channel, &warren_core::topology::dead_queue(&queue)).await,
-        0
-    );
+    stage.stop_worker().await;
+    let (ready, dead) = stage.ready().await;
+    assert_eq!(ready, 0, "the job was acked, not requeued");
+    assert_eq!(dead, 0);
     assert_eq!(recorder.calls().len(), 1, "processed exactly once");
-    cleanup(&channel, &[&queue]).await;
+    stage.end().await;
 }
 
 /// Given a handler that fails twice, when the job runs, then it sees attempts 1, 2, 3 with the
 /// configured backoff (1 s, then 2 s, no jitter) between them, and succeeds on the third.
 #[tokio::test]
 async fn failing_twice_then_succeeding_retries_with_backoff() {
-    let queue = unique_queue("retry");
-    let config = config(&[&queue]);
-    let dispatcher = dispatcher(&config).await;
-    let recorder = Recorder::new();
-    let mut registry = Registry::new();
-    recorder.handle(&mut registry, "flaky", |call| match call.attempt {
+    let (recorder, registry) = recorded("flaky", |call| match call.attempt {
         1 | 2 => Err(JobError::retry("not yet")),
         _ => Ok(None),
     });
-    let worker = start_worker(&config, registry, &[&queue]);
+    let mut stage = Stage::new("retry", registry).await;
 
-    dispatcher
-        .submit(NewJob::new(&queue, "flaky", &json!({})))
-        .await
-        .expect("submitted");
+    stage.submit("flaky", json!({})).await;
 
     let calls = recorder.wait_for(3, DEADLINE).await;
     let attempts: Vec<u32> = calls.iter().map(|c| c.attempt).collect();
@@ -79,42 +67,21 @@ async fn failing_twice_then_succeeding_retries_with_backoff() {
         second_gap >= Duration::from_millis(1900) && second_gap < Duration::from_millis(3500),
         "{second_gap:?}"
     );
-    worker.stop().await;
-    let channel = connect().await.create_channel().await.expect("channel");
-    assert_eq!(
-        ready_count(&channel, &warren_core::topology::dead_queue(&queue)).await,
-        0
-    );
-    cleanup(&channel, &[&queue]).await;
+    stage.stop_worker().await;
+    assert_eq!(stage.ready().await.1, 0);
+    stage.end().await;
 }
 
 /// Given a handler that always fails (retryable) and 3 attempts allowed, then after the third
 /// attempt the job is in `<queue>.dead` with the reason, attempts, time and worker headers.
 #[tokio::test]
 async fn exhausted_job_is_dead_lettered_with_reason_headers() {
-    let queue = unique_queue("exhaust");
-    let config = config(&[&queue]);
-    let dispatcher = dispatcher(&config).await;
-    let recorder = Recorder::new();
-    let mut registry = Registry::new();
-    recorder.handle(&mut registry, "doomed", |_| {
-        Err(JobError::retry("service unavailable"))
-    });
-    let worker = start_worker(&config, registry, &[&queue]);
+    let (recorder, registry) = recorded("doomed", |_| Err(JobError::retry("service unavailable")));
+    let stage = Stage::new("exhaust", registry).await;
 
-    let id = dispatcher
-        .submit(NewJob::new(&queue, "doomed", &json!({"x": 1})))
-        .await
-        .expect("submitted");
+    let id = stage.submit("doomed", json!({"x": 1})).await;
 
-    let channel = connect().await.create_channel().await.expect("channel");
-    let dead = take_messages(
-        &channel,
-        &warren_core::topology::dead_queue(&queue),
-        1,
-        DEADLINE,
-    )
-    .await;
+    let dead = stage.dead_letters(1).await;
     assert_eq!(recorder.calls().len(), 3);
     let message = &dead[0];
     assert_eq!(
@@ -143,38 +110,20 @@ async fn exhausted_job_is_dead_lettered_with_reason_headers() {
     assert!(header(message, envelope::WORKER).is_some());
     assert_eq!(
         header(message, envelope::QUEUE).as_deref(),
-        Some(queue.as_str())
+        Some(stage.queue.as_str())
     );
-    worker.stop().await;
-    cleanup(&channel, &[&queue]).await;
+    stage.end().await;
 }
 
 /// Given a handler that fails permanently, then the job is dead-lettered after one attempt.
 #[tokio::test]
 async fn permanent_failure_is_dead_lettered_at_once() {
-    let queue = unique_queue("permanent");
-    let config = config(&[&queue]);
-    let dispatcher = dispatcher(&config).await;
-    let recorder = Recorder::new();
-    let mut registry = Registry::new();
-    recorder.handle(&mut registry, "bad-input", |_| {
-        Err(JobError::permanent("no such user"))
-    });
-    let worker = start_worker(&config, registry, &[&queue]);
+    let (recorder, registry) = recorded("bad-input", |_| Err(JobError::permanent("no such user")));
+    let stage = Stage::new("permanent", registry).await;
 
-    dispatcher
-        .submit(NewJob::new(&queue, "bad-input", &json!({})))
-        .await
-        .expect("submitted");
+    stage.submit("bad-input", json!({})).await;
 
-    let channel = connect().await.create_channel().await.expect("channel");
-    let dead = take_messages(
-        &channel,
-        &warren_core::topology::dead_queue(&queue),
-        1,
-        DEADLINE,
-    )
-    .await;
+    let dead = stage.dead_letters(1).await;
     assert_eq!(
         header(&dead[0], envelope::ERROR_CLASS).as_deref(),
         Some("permanent")
@@ -184,33 +133,18 @@ async fn permanent_failure_is_dead_lettered_at_once() {
         Some("no such user")
     );
     assert_eq!(recorder.calls().len(), 1, "never retried");
-    worker.stop().await;
-    cleanup(&channel, &[&queue]).await;
+    stage.end().await;
 }
 
 /// Given a job whose kind no handler serves, then it is dead-lettered with that reason.
 #[tokio::test]
 async fn unknown_kind_is_dead_lettered() {
-    let queue = unique_queue("unknown");
-    let config = config(&[&queue]);
-    let dispatcher = dispatcher(&config).await;
-    let mut registry = Registry::new();
-    Recorder::new().handle(&mut registry, "known", |_| Ok(None));
-    let worker = start_worker(&config, registry, &[&queue]);
+    let (_recorder, registry) = recorded("known", |_| Ok(None));
+    let stage = Stage::new("unknown", registry).await;
 
-    dispatcher
-        .submit(NewJob::new(&queue, "mystery", &json!({})))
-        .await
-        .expect("submitted");
+    stage.submit("mystery", json!({})).await;
 
-    let channel = connect().await.create_channel().await.expect("channel");
-    let dead = take_messages(
-        &channel,
-        &warren_core::topology::dead_queue(&queue),
-        1,
-        DEADLINE,
-    )
-    .await;
+    let dead = stage.dead_letters(1).await;
     assert_eq!(
         header(&dead[0], envelope::ERROR_CLASS).as_deref(),
         Some("unknown-kind")
@@ -220,92 +154,68 @@ async fn unknown_kind_is_dead_lettered() {
             .unwrap_or_default()
             .contains("mystery")
     );
-    assert!(worker.is_running());
-    worker.stop().await;
-    cleanup(&channel, &[&queue]).await;
+    assert!(stage.worker_is_running());
+    stage.end().await;
+}
+
+/// A registry whose `kind` handler is recorded, then does `first` on attempt 1 and succeeds on
+/// later attempts.
+fn misbehaving_on_first_attempt<F, Fut>(kind: &str, first: F) -> (Recorder, Registry)
+where
+    F: Fn() -> Fut + Send + Sync + Copy + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let recorder = Recorder::new();
+    let mut registry = Registry::new();
+    let seen = recorder.clone();
+    registry.register(kind, move |payload: Value, ctx: JobContext| {
+        let seen = seen.clone();
+        async move {
+            seen.record(payload, &ctx);
+            if ctx.attempt == 1 {
+                first().await;
+            }
+            Ok(None)
+        }
+    });
+    (recorder, registry)
 }
 
 /// Given a handler that panics on its first attempt, then the worker survives, the panic is
 /// a retryable failure, and the second attempt succeeds.
 #[tokio::test]
 async fn handler_panic_is_retried() {
-    let queue = unique_queue("panic");
-    let config = config(&[&queue]);
-    let dispatcher = dispatcher(&config).await;
-    let recorder = Recorder::new();
-    let mut registry = Registry::new();
-    let seen = recorder.clone();
-    registry.register(
-        "explosive",
-        move |payload: serde_json::Value, ctx: warren_workers::JobContext| {
-            let seen = seen.clone();
-            async move {
-                seen.record(payload, &ctx);
-                if ctx.attempt == 1 {
-                    panic!("kaboom");
-                }
-                Ok(None)
-            }
-        },
-    );
-    let worker = start_worker(&config, registry, &[&queue]);
+    let (recorder, registry) =
+        misbehaving_on_first_attempt("explosive", || async { panic!("kaboom") });
+    let mut stage = Stage::new("panic", registry).await;
 
-    dispatcher
-        .submit(NewJob::new(&queue, "explosive", &json!({})))
-        .await
-        .expect("submitted");
+    stage.submit("explosive", json!({})).await;
 
     let calls = recorder.wait_for(2, DEADLINE).await;
     assert_eq!(calls.iter().map(|c| c.attempt).collect::<Vec<_>>(), [1, 2]);
     assert!(
-        worker.is_running(),
+        stage.worker_is_running(),
         "a panicking handler does not kill the worker"
     );
-    worker.stop().await;
-    let channel = connect().await.create_channel().await.expect("channel");
-    assert_eq!(
-        ready_count(&channel, &warren_core::topology::dead_queue(&queue)).await,
-        0
-    );
-    cleanup(&channel, &[&queue]).await;
+    stage.stop_worker().await;
+    assert_eq!(stage.ready().await.1, 0);
+    stage.end().await;
 }
 
 /// Given a queue with a 300 ms job timeout and a handler that hangs on its first attempt, then
 /// the overrun counts as a retryable failure and the second attempt succeeds.
 #[tokio::test]
 async fn overrunning_handler_times_out_and_is_retried() {
-    let queue = unique_queue("timeout");
-    let mut config = config(&[&queue]);
-    if let Some(q) = config.queues.get_mut(&queue) {
-        q.job_timeout = Duration::from_millis(300);
-    }
-    let dispatcher = dispatcher(&config).await;
-    let recorder = Recorder::new();
-    let mut registry = Registry::new();
-    let seen = recorder.clone();
-    registry.register(
-        "slow",
-        move |payload: serde_json::Value, ctx: warren_workers::JobContext| {
-            let seen = seen.clone();
-            async move {
-                seen.record(payload, &ctx);
-                if ctx.attempt == 1 {
-                    tokio::time::sleep(Duration::from_secs(3600)).await;
-                }
-                Ok(None)
-            }
-        },
-    );
-    let worker = start_worker(&config, registry, &[&queue]);
+    let (recorder, registry) =
+        misbehaving_on_first_attempt("slow", || tokio::time::sleep(Duration::from_secs(3600)));
+    let stage = Stage::with("timeout", registry, |q| {
+        q.job_timeout = Duration::from_millis(300)
+    })
+    .await;
 
-    dispatcher
-        .submit(NewJob::new(&queue, "slow", &json!({})))
-        .await
-        .expect("submitted");
+    stage.submit("slow", json!({})).await;
 
     let calls = recorder.wait_for(2, DEADLINE).await;
     assert_eq!(calls.iter().map(|c| c.attempt).collect::<Vec<_>>(), [1, 2]);
-    worker.stop().await;
-    let channel = connect().await.create_channel().await.expect("channel");
-    cleanup(&channel, &[&queue]).await;
+    stage.end().await;
 }
