@@ -376,19 +376,9 @@ async fn publish_raw(channel: &Channel, queue: &str, case: &Case) -> anyhow::Res
 
 pub async fn bad_input(bin: &Path) -> anyhow::Result<Report> {
     let s = Scenario::new(8, "bad-input", vec![Node::single()], bin).await?;
-    s.node
-        .eval(&format!(
-            "application:set_env(rabbit, max_message_size, {MAX_MESSAGE})."
-        ))
-        .await?;
-    let result = run(&s).await;
-    let _ = s
-        .node
-        .eval("application:set_env(rabbit, max_message_size, 134217728).")
-        .await;
-    let report = result?;
-    s.cleanup().await;
-    Ok(report)
+    let set = format!("application:set_env(rabbit, max_message_size, {MAX_MESSAGE}).");
+    let restore = "application:set_env(rabbit, max_message_size, 134217728).";
+    s.with_broker_settings(&set, restore, run).await
 }
 
 async fn run(s: &Scenario) -> anyhow::Result<Report> {

@@ -285,6 +285,26 @@ impl Scenario {
     pub async fn cleanup(&self) {
         let _ = self.node.delete_vhost(&self.vhost).await;
     }
+
+    /// Runs `run` with broker settings changed by the Erlang expression `set`, puts them back
+    /// with `restore` whatever happened, then cleans up.
+    pub async fn with_broker_settings<'a, F, Fut>(
+        &'a self,
+        set: &str,
+        restore: &str,
+        run: F,
+    ) -> anyhow::Result<Report>
+    where
+        F: FnOnce(&'a Scenario) -> Fut,
+        Fut: Future<Output = anyhow::Result<Report>>,
+    {
+        self.node.eval(set).await?;
+        let result = run(self).await;
+        let _ = self.node.eval(restore).await;
+        let report = result?;
+        self.cleanup().await;
+        Ok(report)
+    }
 }
 
 /// The outcome of one scenario.

@@ -571,17 +571,12 @@ fn log_time_ms(line: &str) -> Option<u64> {
 /// Recovery: from the channel close (the worker's log) to the first job recorded after it.
 async fn consumer_timeout(bin: &Path) -> anyhow::Result<Report> {
     let s = Scenario::new(7, "consumer-timeout", vec![Node::single()], bin).await?;
-    s.node
-        .eval("application:set_env(rabbit, consumer_timeout, 5000), application:set_env(rabbit, channel_tick_interval, 1000).")
-        .await?;
-    let result = consumer_timeout_run(&s).await;
-    let _ = s
-        .node
-        .eval("application:set_env(rabbit, consumer_timeout, 1800000), application:set_env(rabbit, channel_tick_interval, 60000).")
-        .await;
-    let report = result?;
-    s.cleanup().await;
-    Ok(report)
+    let set = "application:set_env(rabbit, consumer_timeout, 5000), \
+               application:set_env(rabbit, channel_tick_interval, 1000).";
+    let restore = "application:set_env(rabbit, consumer_timeout, 1800000), \
+                   application:set_env(rabbit, channel_tick_interval, 60000).";
+    s.with_broker_settings(set, restore, consumer_timeout_run)
+        .await
 }
 
 async fn consumer_timeout_run(s: &Scenario) -> anyhow::Result<Report> {
