@@ -16,8 +16,9 @@
 //!
 //! If the replacement cannot be published, the delivery is rejected back to its queue
 //! (`nack` with requeue) so the broker redelivers it: nothing is lost, at worst run again.
-//! If the channel is gone, lapin cannot send the ack (`Ok(false)`); the broker redelivers the
-//! job by itself, so that too is logged and counted as not done.
+//! The ack or nack itself is sent by the channel's [`Settler`], which acks runs of finished
+//! deliveries with one `multiple` ack ([`crate::settle`]). If the channel is gone by then, the
+//! broker redelivers the job by itself; the settler counts that as an ack lost.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -26,7 +27,6 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::{BasicProperties, Channel};
 use tokio_util::sync::CancellationToken;
 use warren_core::config::QueueConfig;
@@ -36,6 +36,7 @@ use warren_core::{delay, topology};
 
 use crate::handler::{JobContext, JobError, Registry};
 use crate::retry::{self, Next};
+use crate::settle::{Finished, Settle, Settler};
 
 /// What every job task of one worker process shares.
 pub(crate) struct Shared {
@@ -68,7 +69,7 @@ pub(crate) struct Stats {
 }
 
 impl Stats {
-    fn count(&self, outcome: Outcome) {
+    pub(crate) fn count(&self, outcome: Outcome) {
         let counter = match outcome {
             Outcome::Done => &self.done,
             Outcome::Retried => &self.retried,
@@ -110,10 +111,44 @@ pub(crate) enum Outcome {
     Requeued,
 }
 
-/// Runs one delivery to its end. Never panics and never returns an error: every path settles
-/// the delivery or leaves it to the broker to redeliver.
-pub(crate) async fn process(shared: &Shared, queue: &QueueRuntime, delivery: Delivery) {
+impl Outcome {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Done => "done",
+            Outcome::Retried => "retry scheduled",
+            Outcome::DeadLettered => "dead-lettered",
+            Outcome::Requeued => "requeued",
+        }
+    }
+}
+
+/// Runs one delivery to its end and hands it to its channel's settler. Never panics and never
+/// returns an error: every path settles the delivery or leaves it to the broker to redeliver.
+pub(crate) async fn process(
+    shared: &Shared,
+    queue: &QueueRuntime,
+    settler: &Settler,
+    delivery: Delivery,
+) {
     let started = Instant::now();
+    let (settle, outcome, attempt) = run(shared, queue, &delivery).await;
+    log_outcome(outcome, &delivery.properties, queue, attempt, started);
+    let id = match settler.keeps_ids() {
+        true => delivery.properties.message_id().clone(),
+        false => None,
+    };
+    let finished = Finished {
+        tag: delivery.delivery_tag,
+        acker: delivery.acker,
+        settle,
+        outcome,
+        id,
+    };
+    settler.finish(finished, &shared.stats);
+}
+
+/// Steps 1 to 4: how the delivery is to be settled, how the job ended, and its attempt.
+async fn run(shared: &Shared, queue: &QueueRuntime, delivery: &Delivery) -> (Settle, Outcome, u32) {
     let job = match Job::decode(
         &delivery.properties,
         &delivery.data,
@@ -123,12 +158,11 @@ pub(crate) async fn process(shared: &Shared, queue: &QueueRuntime, delivery: Del
         Err(err) => {
             tracing::warn!(queue = %queue.name, error = %err, "malformed message, dead-lettering it");
             let dead = dead_letter(shared, queue, DeadReason::Malformed, err.to_string(), 0);
-            let outcome = dead_letter_and_ack(shared, queue, &delivery, dead).await;
-            log_outcome(shared, outcome, &delivery.properties, queue, 0, started);
-            return;
+            let (settle, outcome) = dead_letter_and_ack(shared, queue, delivery, dead).await;
+            return (settle, outcome, 0);
         }
     };
-    let outcome = match shared.registry.get(&job.kind) {
+    let (settle, outcome) = match shared.registry.get(&job.kind) {
         None => {
             let reason = format!(
                 "no handler for kind `{}` (this worker knows: {})",
@@ -137,7 +171,7 @@ pub(crate) async fn process(shared: &Shared, queue: &QueueRuntime, delivery: Del
             );
             tracing::warn!(job = %job.id, kind = %job.kind, "{reason}; dead-lettering it");
             let dead = dead_letter(shared, queue, DeadReason::UnknownKind, reason, job.attempt);
-            dead_letter_and_ack(shared, queue, &delivery, dead).await
+            dead_letter_and_ack(shared, queue, delivery, dead).await
         }
         Some(handler) => {
             let ctx = JobContext {
@@ -159,17 +193,10 @@ pub(crate) async fn process(shared: &Shared, queue: &QueueRuntime, delivery: Del
                 ))),
                 Ok(Ok(result)) => result,
             };
-            settle(shared, queue, &delivery, job.attempt, result).await
+            settle(shared, queue, delivery, job.attempt, result).await
         }
     };
-    log_outcome(
-        shared,
-        outcome,
-        &delivery.properties,
-        queue,
-        job.attempt,
-        started,
-    );
+    (settle, outcome, job.attempt)
 }
 
 /// Step 4: ack, retry or dead-letter according to the handler's result.
@@ -179,13 +206,13 @@ async fn settle(
     delivery: &Delivery,
     attempt: u32,
     result: Result<Option<serde_json::Value>, JobError>,
-) -> Outcome {
+) -> (Settle, Outcome) {
     match result {
         Ok(result) => {
             if let Some(value) = result {
                 tracing::debug!(%value, "job result");
             }
-            ack(shared, delivery, Outcome::Done).await
+            (Settle::Ack, Outcome::Done)
         }
         Err(JobError::Permanent(reason)) => {
             tracing::warn!(error = %reason, "permanent failure, dead-lettering the job");
@@ -218,14 +245,14 @@ async fn retry_and_ack(
     delivery: &Delivery,
     next: u32,
     seconds: u64,
-) -> Outcome {
+) -> (Settle, Outcome) {
     let (exchange, key) = match seconds {
         0 => (topology::JOBS_EXCHANGE.to_owned(), queue.name.to_string()),
         _ => topology::delay_route(seconds, &queue.name),
     };
     let properties = envelope::retry_properties(&delivery.properties, next);
     let published = publish_copy(shared, &exchange, &key, delivery, properties).await;
-    settle_after_publish(shared, delivery, published, Outcome::Retried).await
+    settle_after_publish(shared, published, Outcome::Retried)
 }
 
 fn dead_letter(
@@ -250,11 +277,11 @@ async fn dead_letter_and_ack(
     queue: &QueueRuntime,
     delivery: &Delivery,
     dead: DeadLetter,
-) -> Outcome {
+) -> (Settle, Outcome) {
     let properties = dead.properties(&delivery.properties);
     let key = topology::dead_queue(&queue.name);
     let published = publish_copy(shared, topology::DEAD_EXCHANGE, &key, delivery, properties).await;
-    settle_after_publish(shared, delivery, published, Outcome::DeadLettered).await
+    settle_after_publish(shared, published, Outcome::DeadLettered)
 }
 
 async fn publish_copy(
@@ -277,74 +304,36 @@ async fn publish_copy(
     .await
 }
 
-/// Acks once the replacement is queued; otherwise hands the delivery back to the broker.
-async fn settle_after_publish(
+/// Ack once the replacement is queued; otherwise hand the delivery back to the broker.
+fn settle_after_publish(
     shared: &Shared,
-    delivery: &Delivery,
     published: Result<(), PublishError>,
     then: Outcome,
-) -> Outcome {
+) -> (Settle, Outcome) {
     match published {
-        Ok(()) => ack(shared, delivery, then).await,
+        Ok(()) => (Settle::Ack, then),
         Err(err) => {
             if !shared.publisher.status().connected() {
                 shared.lost.cancel();
             }
             tracing::error!(error = %err, "could not queue the job's next step; requeueing it for redelivery");
-            let options = BasicNackOptions {
-                requeue: true,
-                ..Default::default()
-            };
-            let nack = tokio::time::timeout(shared.publish_timeout, delivery.acker.nack(options));
-            if !matches!(nack.await, Ok(Ok(true))) {
-                tracing::error!(
-                    "nack not sent; the broker will redeliver the job when the channel closes"
-                );
-            }
-            Outcome::Requeued
-        }
-    }
-}
-
-async fn ack(shared: &Shared, delivery: &Delivery, outcome: Outcome) -> Outcome {
-    let ack = delivery.acker.ack(BasicAckOptions::default());
-    match tokio::time::timeout(shared.publish_timeout, ack).await {
-        Ok(Ok(true)) => outcome,
-        Err(_) => {
-            tracing::warn!("ack not confirmed in time; the broker may redeliver the job");
-            Outcome::Requeued
-        }
-        Ok(Ok(false)) => {
-            shared.stats.acks_lost.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!("ack not sent: the channel is gone; the broker will redeliver the job");
-            Outcome::Requeued
-        }
-        Ok(Err(err)) => {
-            tracing::warn!(error = %err, "ack failed; the broker will redeliver the job");
-            Outcome::Requeued
+            (Settle::Requeue, Outcome::Requeued)
         }
     }
 }
 
 /// The one info line per job outcome.
 fn log_outcome(
-    shared: &Shared,
     outcome: Outcome,
     properties: &BasicProperties,
     queue: &QueueRuntime,
     attempt: u32,
     started: Instant,
 ) {
-    shared.stats.count(outcome);
-    let text = |v: &Option<lapin::types::ShortString>| {
-        v.as_ref().map(|s| s.to_string()).unwrap_or_default()
-    };
-    let outcome = match outcome {
-        Outcome::Done => "done",
-        Outcome::Retried => "retry scheduled",
-        Outcome::DeadLettered => "dead-lettered",
-        Outcome::Requeued => "requeued",
-    };
+    fn text(v: &Option<lapin::types::ShortString>) -> &str {
+        v.as_ref().map_or("", |s| s.as_str())
+    }
+    let outcome = outcome.as_str();
     tracing::info!(
         job = %text(properties.message_id()),
         queue = %queue.name,

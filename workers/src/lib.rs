@@ -8,8 +8,12 @@
 //! - [`worker`]: the process's life (connections, consumers, concurrency, shutdown);
 //! - [`job`] (private): one delivery from decode to ack — where jobs are run, retried and
 //!   dead-lettered;
+//! - [`settle`] (private): each channel's settler, which sends the acks, batching runs of
+//!   finished deliveries into one `multiple` ack;
 //! - [`retry`]: the backoff schedule;
-//! - [`builtin`]: the `echo`, `sleep` and `fail` kinds used by the demo and the tests.
+//! - [`builtin`]: the `echo`, `sleep` and `fail` kinds used by the demo and the tests;
+//! - [`cli`]: the `warren-worker` command line, reusable by worker binaries with their own
+//!   handlers.
 //!
 //! ```no_run
 //! use warren_workers::{Registry, Worker};
@@ -25,10 +29,13 @@
 //! ```
 
 pub mod builtin;
+pub mod cli;
 pub mod handler;
 mod job;
 pub mod retry;
+mod settle;
 pub mod worker;
 
 pub use handler::{HandlerResult, JobContext, JobError, Registry};
+pub use settle::{SettleHook, Settled};
 pub use worker::{Worker, WorkerError};

@@ -9,7 +9,9 @@
 //! 3. opens one channel and consumer per queue, with a per-consumer prefetch of `concurrency`
 //!    (quorum queues refuse global QoS) and a unique consumer tag;
 //! 4. merges the deliveries of all queues and runs each as its own task ([`crate::job`]), at
-//!    most `concurrency` at once across queues and sessions.
+//!    most `concurrency` at once across queues and sessions; each channel's settler task sends
+//!    the acks, batching runs of finished deliveries into one `multiple` ack
+//!    ([`crate::settle`]).
 //!
 //! A channel the broker closed (consumer timeout, a deleted queue) is reopened within the
 //! session. A lost connection ends the session: the loop reconnects with exponential backoff
@@ -46,12 +48,14 @@ use warren_core::topology::{self, TopologyError};
 
 use crate::handler::Registry;
 use crate::job::{self, QueueRuntime, Shared, Stats};
+use crate::settle::{SettleHook, Settled, Settler};
 
 /// A worker: which queues it consumes, with which handlers.
 pub struct Worker {
     config: Config,
     registry: Registry,
     queues: Vec<String>,
+    hook: Option<SettleHook>,
 }
 
 /// Why a worker stopped other than by shutdown. Only errors that reconnecting cannot fix
@@ -109,6 +113,7 @@ struct Process {
     /// Every job task, across sessions, awaited on shutdown.
     tracker: TaskTracker,
     stats: Arc<Stats>,
+    hook: Option<SettleHook>,
 }
 
 impl Worker {
@@ -117,7 +122,15 @@ impl Worker {
             config,
             registry,
             queues: Vec::new(),
+            hook: None,
         }
+    }
+
+    /// Calls `hook` for every job once its ack (or nack) was sent, or could not be: for
+    /// metrics. It runs on the settling task, so it must be quick.
+    pub fn on_settled(mut self, hook: impl Fn(&Settled<'_>) + Send + Sync + 'static) -> Worker {
+        self.hook = Some(Arc::new(hook));
+        self
     }
 
     /// Adds a queue to consume.
@@ -157,6 +170,7 @@ impl Worker {
             slots: Arc::new(Semaphore::new(usize::from(self.config.worker.concurrency))),
             tracker: TaskTracker::new(),
             stats: Arc::default(),
+            hook: self.hook,
             config: self.config,
             registry: self.registry,
         };
@@ -270,7 +284,7 @@ impl Process {
             };
             let (queue, delivery) = match next {
                 Some((queue, Ok(delivery))) => (queue, delivery),
-                Some((queue, Err(err))) => {
+                Some((ConsumerOf { queue, .. }, Err(err))) => {
                     if !consuming.status().connected() {
                         break Err(WorkerError::Broker {
                             what: format!("consuming `{}`", queue.name),
@@ -287,16 +301,20 @@ impl Process {
                 None => break Err(WorkerError::ConsumersCancelled),
             };
             let shared = shared.clone();
-            let span = tracing::info_span!("job", queue = %queue.name, tag = delivery.delivery_tag);
+            let span =
+                tracing::info_span!("job", queue = %queue.queue.name, tag = delivery.delivery_tag);
             self.tracker.spawn(
                 async move {
-                    job::process(&shared, &queue, delivery).await;
+                    job::process(&shared, &queue.queue, &queue.settler, delivery).await;
                     drop(slot);
                 }
                 .instrument(span),
             );
         };
 
+        // The streams hold the settlers' handles: dropping them lets each settler end once its
+        // last job task has handed its delivery over.
+        drop(deliveries);
         if ended.is_ok() {
             self.drain(&consumers).await;
         }
@@ -361,10 +379,13 @@ impl Process {
             consume,
         )
         .await?;
-        let queue = queue.clone();
-        let stream = consumer
-            .map(move |delivery| (queue.clone(), delivery))
-            .boxed();
+        let (settler, settling) = Settler::new(self.stats.clone(), self.hook.clone(), timeout);
+        self.tracker.spawn(settling);
+        let of = ConsumerOf {
+            queue: queue.clone(),
+            settler,
+        };
+        let stream = consumer.map(move |delivery| (of.clone(), delivery)).boxed();
         Ok(Consumer {
             channel,
             tag,
@@ -377,7 +398,14 @@ impl Process {
 struct Consumer {
     channel: Channel,
     tag: String,
-    stream: BoxStream<'static, (Arc<QueueRuntime>, lapin::Result<Delivery>)>,
+    stream: BoxStream<'static, (ConsumerOf, lapin::Result<Delivery>)>,
+}
+
+/// Where a delivery came from: its queue, and its channel's settler.
+#[derive(Clone)]
+struct ConsumerOf {
+    queue: Arc<QueueRuntime>,
+    settler: Settler,
 }
 
 /// Runs a broker call with a deadline (lapin can hang on a dying server).

@@ -1,0 +1,100 @@
+//! The `warren-worker` command line, for any worker binary: `warren-worker` itself runs it with
+//! the built-in kinds; a binary with handlers of its own runs it with those (the way a Celery
+//! app gets `celery worker`):
+//!
+//! ```no_run
+//! fn main() -> std::process::ExitCode {
+//!     warren_workers::cli::main(|registry| {
+//!         registry.register("resize", |_payload: serde_json::Value, _ctx| async move { Ok(None) });
+//!     })
+//! }
+//! ```
+//!
+//! It parses `--queue` (repeatable), `--concurrency` and `--config`, logs to stdout through a
+//! background writer (so a slow terminal or pipe never stalls the jobs; `RUST_LOG` sets the
+//! level, default `info` = one line per job), and stops gracefully on SIGTERM or SIGINT.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use warren_core::Config;
+
+use crate::{Registry, Worker};
+
+#[derive(Parser)]
+#[command(version, about = "Run Warren jobs from RabbitMQ queues")]
+struct Args {
+    /// Queue to consume (repeatable).
+    #[arg(long = "queue", required = true)]
+    queues: Vec<String>,
+    /// Jobs run at once (default: worker.concurrency from the config, 16).
+    #[arg(long)]
+    concurrency: Option<u16>,
+    /// Config file (default: $WARREN_CONFIG, else config/warren.toml if present).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+/// Runs a worker process with the handlers `register` adds, until SIGTERM or SIGINT.
+pub fn main(register: impl FnOnce(&mut Registry)) -> ExitCode {
+    let args = Args::parse();
+    let _flush_on_exit = init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            tracing::error!("cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut registry = Registry::new();
+    register(&mut registry);
+    match runtime.block_on(run(args, registry)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!("{}", warren_core::error_chain(err.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs to stdout from a background thread. Lines are never dropped: if the writer falls
+/// more than its buffer behind, logging waits. Keep the guard until exit (it flushes).
+pub fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("warren-log")
+        .finish(std::io::stdout());
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,lapin=warn".into()),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .with_writer(writer)
+        .init();
+    guard
+}
+
+async fn run(args: Args, registry: Registry) -> anyhow::Result<()> {
+    let mut config = Config::load(args.config.as_deref())?;
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
+    if let Some(concurrency) = args.concurrency {
+        config.worker.concurrency = concurrency;
+        config.validate()?;
+    }
+    let shutdown = CancellationToken::new();
+    tokio::spawn(crate::worker::stop_on_signal(shutdown.clone()));
+    let worker = args
+        .queues
+        .into_iter()
+        .fold(Worker::new(config, registry), Worker::queue);
+    worker.run(shutdown).await?;
+    Ok(())
+}
