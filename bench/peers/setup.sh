@@ -20,7 +20,7 @@ stamp_of() { # the venv's python -> "sha256-of-requirements python-version"
 }
 
 if [[ -x $VENV/bin/python && -f $STAMP ]] && [[ $(cat "$STAMP") == "$(stamp_of "$VENV/bin/python")" ]] &&
-    "$VENV/bin/python" -c 'import celery, kombu, amqp, dramatiq, pika, psutil' 2>/dev/null; then
+    "$VENV/bin/python" -c 'import celery, kombu, amqp, dramatiq, pika, psutil, matplotlib' 2>/dev/null; then
     echo "setup: $VENV is up to date" >&2
     echo "$VENV/bin/python"
     exit 0
@@ -42,5 +42,5 @@ echo "setup: installing the pins of $REQ" >&2
 "$VENV/bin/python" -m pip install --quiet --no-input --disable-pip-version-check -r "$REQ" >&2
 "$VENV/bin/python" -m pip check >&2
 stamp_of "$VENV/bin/python" >"$STAMP"
-echo "setup: ready: $("$VENV/bin/python" -c 'import celery, dramatiq, pika, kombu, psutil; print("celery", celery.__version__, "kombu", kombu.__version__, "dramatiq", dramatiq.__version__, "pika", pika.__version__, "psutil", psutil.__version__)')" >&2
+echo "setup: ready: $("$VENV/bin/python" -c 'import celery, dramatiq, pika, kombu, psutil, matplotlib; print("celery", celery.__version__, "kombu", kombu.__version__, "dramatiq", dramatiq.__version__, "pika", pika.__version__, "psutil", psutil.__version__, "matplotlib", matplotlib.__version__)')" >&2
 echo "$VENV/bin/python"

@@ -1,7 +1,8 @@
 //! Connecting to RabbitMQ, with bounded retries.
 //!
 //! Every Warren process opens its connections here: named (so `rabbitmqctl list_connections
-//! name` and the management UI tell them apart), with the configured heartbeat, and on tokio
+//! name` and the management UI tell them apart), with the configured heartbeat, a modest frame
+//! size ([`DEFAULT_FRAME_MAX`], it sets lapin's buffer sizes), and on tokio
 //! through `async_rs::Runtime::tokio_current()` (lapin 4 runs on tokio by itself; no executor
 //! bridge is needed). A broker that is down is retried with exponential backoff for
 //! `broker.connect_timeout`, then reported as [`ConnectError::Unreachable`]; refused
@@ -43,6 +44,12 @@ pub enum ConnectError {
     },
 }
 
+/// The largest AMQP frame asked for, unless the URL sets `?frame_max=`. lapin keeps two
+/// buffers of 32 frames per connection, allocated up front: at RabbitMQ's default (128 KiB)
+/// that is 16 MiB for a worker's two connections, at 16 KiB it is 2 MiB. Bigger messages are
+/// simply sent as more frames.
+pub const DEFAULT_FRAME_MAX: u32 = 16 * 1024;
+
 /// Opens connections to one broker or cluster, remembering which address worked last so
 /// that, after losing a connection, the next attempt starts with the following address.
 #[derive(Debug)]
@@ -62,6 +69,7 @@ impl Connector {
             .map(|url| {
                 let mut uri: AMQPUri = url.parse().map_err(ConnectError::InvalidUrl)?;
                 uri.query.heartbeat = Some(heartbeat);
+                uri.query.frame_max.get_or_insert(DEFAULT_FRAME_MAX);
                 Ok(uri)
             })
             .collect::<Result<Vec<_>, ConnectError>>()?;

@@ -62,11 +62,17 @@ pub fn main(register: impl FnOnce(&mut Registry)) -> ExitCode {
     }
 }
 
+/// Log lines the background writer may fall behind by before logging waits. The buffer is
+/// allocated whole up front, so it is kept small (tracing-appender's default, 128,000 lines,
+/// costs about 4 MiB of memory).
+const LOG_BUFFER_LINES: usize = 4096;
+
 /// Logs to stdout from a background thread. Lines are never dropped: if the writer falls
 /// more than its buffer behind, logging waits. Keep the guard until exit (it flushes).
 pub fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
+        .buffered_lines_limit(LOG_BUFFER_LINES)
         .thread_name("warren-log")
         .finish(std::io::stdout());
     tracing_subscriber::fmt()
