@@ -9,14 +9,24 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use serde_json::Value;
 use warren_core::envelope::{self, Job, NewJob};
 use warren_core::{delay, topology};
 
-fn payload() -> serde_json::Value {
+fn payload() -> Value {
     serde_json::json!({
         "user_id": 42, "action": "send-welcome-email", "email": "someone@example.com",
         "template": "welcome-v2", "locale": "en-GB", "attempt_hint": 0, "pad": "xxxxxxxxxxxxxxxx"
     })
+}
+
+/// What a typed handler of the payload above might read.
+#[derive(serde::Deserialize)]
+#[allow(dead_code)] // read by the parse only
+struct Welcome {
+    user_id: u64,
+    email: String,
+    template: String,
 }
 
 fn envelope(c: &mut Criterion) {
@@ -28,10 +38,27 @@ fn envelope(c: &mut Criterion) {
     let message = job.encode(1 << 20).expect("encodes");
     c.bench_function("decode ~150-byte job", |b| {
         b.iter(|| {
-            Job::decode(
+            let job = Job::decode(
                 black_box(&message.properties),
                 black_box(&message.body),
                 1 << 20,
+            );
+            (
+                job,
+                envelope::parse_payload::<Value>(black_box(&message.body)),
+            )
+        })
+    });
+    c.bench_function("decode ~150-byte job, typed payload", |b| {
+        b.iter(|| {
+            let job = Job::decode(
+                black_box(&message.properties),
+                black_box(&message.body),
+                1 << 20,
+            );
+            (
+                job,
+                envelope::parse_payload::<Welcome>(black_box(&message.body)),
             )
         })
     });

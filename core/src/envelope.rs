@@ -13,14 +13,16 @@
 //!   header table at all because RabbitMQ parses it on every publish: with the two headers
 //!   Warren used to write, a confirmed publish was 15–20% slower (bench/, 2026-11-24).
 //!
-//! Everything read from a message is untrusted: [`Job::decode`] turns it into a typed job or a
-//! [`DecodeError`] that says why it is poison. It never panics.
+//! Everything read from a message is untrusted: [`Job::decode`] turns its properties into a
+//! typed job or a [`DecodeError`] that says why it is poison, and [`parse_payload`] its body
+//! into the handler's payload type or a [`PayloadError`]. Neither ever panics.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use serde::de::IgnoredAny;
+use serde::de::{DeserializeOwned, IgnoredAny};
+use serde_json::error::Category;
 
 use crate::topology;
 
@@ -175,14 +177,14 @@ pub enum EncodeError {
     EmptyId,
 }
 
-/// A job as a worker sees it.
+/// A job as a worker sees it, before its payload is read ([`parse_payload`]): the payload
+/// is the message body.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Job {
     pub id: JobId,
     pub kind: String,
     /// 1 for the first attempt; retries count up.
     pub attempt: u32,
-    pub payload: serde_json::Value,
 }
 
 impl Job {
@@ -213,15 +215,46 @@ impl Job {
             });
         }
         let attempt = attempt(properties.headers().as_ref())?;
-        let payload =
-            serde_json::from_slice(body).map_err(|err| DecodeError::NotJson(err.to_string()))?;
-        Ok(Job {
-            id,
-            kind,
-            attempt,
-            payload,
-        })
+        Ok(Job { id, kind, attempt })
     }
+}
+
+/// Reads a job's body as its handler's payload type `P` (`serde_json::Value` for an untyped
+/// handler). Parsing straight into `P` skips building a `Value` a typed handler would not use;
+/// [`check_json`] checks a body that no handler will read.
+pub fn parse_payload<P: DeserializeOwned>(body: &[u8]) -> Result<P, PayloadError> {
+    // UTF-8 is checked over the whole body first: a typed parse skips the strings of fields it
+    // ignores, and the protocol wants strict UTF-8 JSON whatever the handler reads.
+    serde_json::from_str(utf8(body)?).map_err(|err| match err.classify() {
+        // The shape was wrong before the parse got to any syntax error further on.
+        Category::Data => match check_json(body) {
+            Ok(()) => PayloadError::Mismatch(err.to_string()),
+            Err(not_json) => not_json,
+        },
+        Category::Syntax | Category::Eof | Category::Io => PayloadError::NotJson(err.to_string()),
+    })
+}
+
+/// Checks that `body` is strict UTF-8 JSON without keeping any of it.
+pub fn check_json(body: &[u8]) -> Result<(), PayloadError> {
+    serde_json::from_str::<IgnoredAny>(utf8(body)?)
+        .map(|_| ())
+        .map_err(|err| PayloadError::NotJson(err.to_string()))
+}
+
+fn utf8(body: &[u8]) -> Result<&str, PayloadError> {
+    std::str::from_utf8(body).map_err(|err| PayloadError::NotJson(format!("invalid UTF-8: {err}")))
+}
+
+/// Why a job's body cannot be its handler's payload.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PayloadError {
+    /// Not JSON at all: the message is malformed, whatever its kind.
+    #[error("body is not valid JSON: {0}")]
+    NotJson(String),
+    /// JSON, but not the shape the handler's payload type asks for.
+    #[error("payload does not fit the handler's type: {0}")]
+    Mismatch(String),
 }
 
 /// Why a delivered message is not a job. Each is final: retrying cannot help.
@@ -235,8 +268,6 @@ pub enum DecodeError {
     ContentType(String),
     #[error("body is {size} bytes, over the limit of {limit} (jobs.max_payload_bytes)")]
     TooLarge { size: usize, limit: usize },
-    #[error("body is not valid JSON: {0}")]
-    NotJson(String),
     #[error("header x-warren-attempt is {0}, not a whole number from 1 up")]
     BadAttempt(String),
 }
@@ -452,7 +483,8 @@ mod tests {
         let job = Job::decode(&message.properties, &message.body, 1024).expect("decodes");
         assert_eq!(job.kind, "send");
         assert_eq!(job.attempt, 1);
-        assert_eq!(job.payload["to"], "a@b.c");
+        let payload: serde_json::Value = parse_payload(&message.body).expect("JSON");
+        assert_eq!(payload["to"], "a@b.c");
         assert!(message.properties.timestamp().is_some());
         assert!(
             message.properties.headers().is_none(),
@@ -493,10 +525,6 @@ mod tests {
         let props = good.properties.clone();
         let decode = |p: &BasicProperties, body: &[u8]| Job::decode(p, body, 1024);
 
-        assert!(matches!(
-            decode(&props, b"not json"),
-            Err(DecodeError::NotJson(_))
-        ));
         let no_id = BasicProperties::default().with_type("k".into());
         assert_eq!(decode(&no_id, b"{}"), Err(DecodeError::MissingId));
         let no_kind = BasicProperties::default().with_message_id("x".into());
@@ -524,6 +552,38 @@ mod tests {
                 Err(DecodeError::BadAttempt(_))
             ));
         }
+    }
+
+    #[test]
+    fn payloads_are_json_of_the_handlers_type() {
+        #[derive(Debug, serde::Deserialize)]
+        struct Greet {
+            name: String,
+        }
+        let greet: Greet = parse_payload(br#"{"name":"Ada","extra":1}"#).expect("fits");
+        assert_eq!(greet.name, "Ada");
+        assert!(matches!(
+            parse_payload::<Greet>(br#"{"nom":"Ada"}"#),
+            Err(PayloadError::Mismatch(_))
+        ));
+        for not_json in [
+            &b"not json"[..],
+            b"{\"name\":",
+            b"{} trailing",
+            b"\"\xff\"",
+            b"{\"nom\": \"\xff\", \"name\": \"Ada\"}",
+            b"{\"nom\": 1} trailing",
+        ] {
+            assert!(matches!(
+                parse_payload::<Greet>(not_json),
+                Err(PayloadError::NotJson(_))
+            ));
+            assert!(matches!(
+                check_json(not_json),
+                Err(PayloadError::NotJson(_))
+            ));
+        }
+        assert_eq!(check_json(b"[1, {}]"), Ok(()));
     }
 
     #[test]

@@ -91,6 +91,8 @@ fuzz_target!(|message: Message| {
     }
     let properties = properties.with_headers(headers);
 
+    let _ = envelope::parse_payload::<serde_json::Value>(&message.body);
+    let _ = envelope::check_json(&message.body);
     if let Ok(job) = Job::decode(&properties, &message.body, usize::from(message.max_payload)) {
         assert!(job.attempt >= 1);
         let retry = envelope::retry_properties(&properties, job.attempt.saturating_add(1));

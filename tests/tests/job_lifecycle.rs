@@ -136,6 +136,45 @@ async fn permanent_failure_is_dead_lettered_at_once() {
     stage.end().await;
 }
 
+/// Given a handler that takes a typed payload, then a job that fits it runs with its fields, and
+/// one that does not is dead-lettered as permanent with serde's reason, the handler never run.
+#[tokio::test]
+async fn typed_payloads_are_parsed_or_dead_lettered() {
+    #[derive(serde::Deserialize)]
+    struct Email {
+        to: String,
+    }
+    let (sent, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let mut registry = Registry::new();
+    registry.register("send", move |email: Email, _ctx: JobContext| {
+        let sent = sent.clone();
+        async move {
+            let _ = sent.send(email.to);
+            Ok(None)
+        }
+    });
+    let stage = Stage::new("typed", registry).await;
+
+    stage
+        .submit("send", json!({"to": "ada@example.com", "cc": []}))
+        .await;
+    stage
+        .submit("send", json!({"from": "ada@example.com"}))
+        .await;
+
+    let dead = stage.dead_letters(1).await;
+    assert_eq!(
+        header(&dead[0], envelope::ERROR_CLASS).as_deref(),
+        Some("permanent")
+    );
+    let error = header(&dead[0], envelope::ERROR).unwrap_or_default();
+    assert!(error.contains("missing field `to`"), "{error}");
+    let to = tokio::time::timeout(DEADLINE, seen.recv()).await;
+    assert_eq!(to.ok().flatten().as_deref(), Some("ada@example.com"));
+    assert!(seen.try_recv().is_err(), "the handler ran once");
+    stage.end().await;
+}
+
 /// Given a job whose kind no handler serves, then it is dead-lettered with that reason.
 #[tokio::test]
 async fn unknown_kind_is_dead_lettered() {

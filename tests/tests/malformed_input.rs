@@ -13,7 +13,8 @@ use warren_tests::*;
 use warren_workers::Registry;
 
 /// Given a running worker, when raw messages arrive that are not jobs (not JSON, no id, wrong
-/// content type, a spoofed attempt header), then each lands in `<queue>.dead` marked malformed
+/// content type, a spoofed attempt header, invalid UTF-8, not JSON and of a kind no handler
+/// serves), then each lands in `<queue>.dead` marked malformed
 /// with its reason, and a good job submitted after them is still processed.
 #[tokio::test]
 async fn malformed_messages_are_dead_lettered_and_the_worker_survives() {
@@ -56,6 +57,14 @@ async fn malformed_messages_are_dead_lettered_and_the_worker_survives() {
             job("spoofed").with_headers(spoofed),
             b"{}",
             "x-warren-attempt",
+        ),
+        (job("bad-utf8"), b"{\"name\": \"\xff\"}", "UTF-8"),
+        (
+            BasicProperties::default()
+                .with_message_id("unknown-kind-not-json".into())
+                .with_type("mystery".into()),
+            b"{oops",
+            "JSON",
         ),
     ];
     for (properties, body, _) in &bad {

@@ -98,11 +98,13 @@ async fn out_of_order_jobs_are_each_acked_once() {
 async fn slow_job_does_not_hold_back_acks_of_later_jobs() {
     let queue = unique_queue("settle-gap");
     let mut registry = Registry::new();
-    registry.register("slow", |_payload, _ctx| async move {
+    registry.register("slow", |_payload: serde_json::Value, _ctx| async move {
         tokio::time::sleep(Duration::from_secs(4)).await;
         Ok(None)
     });
-    registry.register("quick", |_payload, _ctx| async move { Ok(None) });
+    registry.register("quick", |_payload: serde_json::Value, _ctx| async move {
+        Ok(None)
+    });
     let (worker, settled, config) = start(&queue, 4, registry);
     let dispatcher = dispatcher(&config).await;
 

@@ -1,6 +1,7 @@
 //! Job handlers: what a worker runs for each job kind.
 //!
-//! A handler is an async function of the job's JSON payload and a [`JobContext`]. It returns
+//! A handler is an async function of the job's payload (a `serde_json::Value`, or your own
+//! type that derives `Deserialize`) and a [`JobContext`]. It returns
 //! `Ok(result)` when the job is done, [`JobError::Retry`] when a later attempt may succeed, or
 //! [`JobError::Permanent`] when no attempt can. Handlers are registered by kind in a
 //! [`Registry`]:
@@ -8,7 +9,18 @@
 //! ```
 //! use warren_workers::{JobContext, JobError, Registry};
 //!
+//! #[derive(serde::Deserialize)]
+//! struct Email {
+//!     to: String,
+//! }
+//!
 //! let mut registry = Registry::new();
+//! // Typed: a payload without `to` is dead-lettered before the handler runs.
+//! registry.register("send", |email: Email, ctx: JobContext| async move {
+//!     tracing::info!(job = %ctx.id, "sending to {}", email.to);
+//!     Ok(None)
+//! });
+//! // Untyped: any JSON.
 //! registry.register("greet", |payload: serde_json::Value, ctx: JobContext| async move {
 //!     let name = payload["name"].as_str().ok_or_else(|| JobError::permanent("no name"))?;
 //!     tracing::info!(job = %ctx.id, "hello {name}");
@@ -23,8 +35,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 use warren_core::JobId;
+use warren_core::envelope::{self, PayloadError};
 
 /// What a handler knows about the job it runs.
 #[derive(Debug, Clone)]
@@ -63,25 +77,32 @@ impl JobError {
     }
 }
 
-/// Anything that can run a job. Implemented for every `Fn(Value, JobContext) -> Future`.
-pub trait Handler: Send + Sync + 'static {
-    fn call(&self, payload: Value, ctx: JobContext) -> BoxFuture<'static, HandlerResult>;
+/// Anything that can run a job whose payload is a `P`. Implemented for every
+/// `Fn(P, JobContext) -> Future`, where `P` is `serde_json::Value` or any type that derives
+/// `Deserialize`.
+pub trait Handler<P>: Send + Sync + 'static {
+    fn call(&self, payload: P, ctx: JobContext) -> BoxFuture<'static, HandlerResult>;
 }
 
-impl<F, Fut> Handler for F
+impl<F, P, Fut> Handler<P> for F
 where
-    F: Fn(Value, JobContext) -> Fut + Send + Sync + 'static,
+    F: Fn(P, JobContext) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = HandlerResult> + Send + 'static,
 {
-    fn call(&self, payload: Value, ctx: JobContext) -> BoxFuture<'static, HandlerResult> {
+    fn call(&self, payload: P, ctx: JobContext) -> BoxFuture<'static, HandlerResult> {
         Box::pin(self(payload, ctx))
     }
 }
 
+/// A registered handler: reads the body as the handler's payload type, then starts the job.
+pub(crate) type Start = dyn Fn(&[u8], JobContext) -> Result<BoxFuture<'static, HandlerResult>, PayloadError>
+    + Send
+    + Sync;
+
 /// Handlers by job kind.
 #[derive(Clone, Default)]
 pub struct Registry {
-    handlers: HashMap<String, Arc<dyn Handler>>,
+    handlers: HashMap<String, Arc<Start>>,
 }
 
 impl Registry {
@@ -89,15 +110,26 @@ impl Registry {
         Registry::default()
     }
 
-    /// Registers `handler` for jobs of `kind`, replacing any earlier one.
-    pub fn register(&mut self, kind: impl Into<String>, handler: impl Handler) -> &mut Registry {
-        self.handlers.insert(kind.into(), Arc::new(handler));
+    /// Registers `handler` for jobs of `kind`, replacing any earlier one. The handler's first
+    /// argument says how the payload is read: `serde_json::Value` takes any JSON; a type that
+    /// derives `Deserialize` is parsed straight from the body (faster), and a payload that does
+    /// not fit it is dead-lettered as a permanent failure with serde's reason.
+    pub fn register<P, H>(&mut self, kind: impl Into<String>, handler: H) -> &mut Registry
+    where
+        P: DeserializeOwned + 'static,
+        H: Handler<P>,
+    {
+        let start = move |body: &[u8], ctx: JobContext| {
+            let payload = envelope::parse_payload::<P>(body)?;
+            Ok(handler.call(payload, ctx))
+        };
+        self.handlers.insert(kind.into(), Arc::new(start));
         self
     }
 
     /// The handler for `kind`, if any.
-    pub fn get(&self, kind: &str) -> Option<Arc<dyn Handler>> {
-        self.handlers.get(kind).cloned()
+    pub(crate) fn get(&self, kind: &str) -> Option<&Start> {
+        self.handlers.get(kind).map(|start| &**start)
     }
 
     /// The registered kinds, sorted.

@@ -1,12 +1,13 @@
 //! One delivery, from arrival to settlement. This is where a job is run, retried and
 //! dead-lettered.
 //!
-//! 1. **Decode** the message ([`Job::decode`]). A message that is not a job (not JSON, no id,
-//!    no kind, a spoofed attempt header, ...) is poison: dead-lettered with the reason, never
-//!    retried.
+//! 1. **Decode** the message ([`Job::decode`]). A message that is not a job (no id, no kind, a
+//!    spoofed attempt header, a body that is not JSON, ...) is poison: dead-lettered with the
+//!    reason, never retried.
 //! 2. **Look up** the handler for the job's kind; an unknown kind is dead-lettered.
-//! 3. **Run** the handler under the queue's `job_timeout`, catching panics. An overrun or a
-//!    panic is a retryable failure.
+//! 3. **Run** the handler under the queue's `job_timeout`, catching panics, on the payload
+//!    read as the handler's type (a payload that does not fit it is a permanent failure). An
+//!    overrun or a panic is a retryable failure.
 //! 4. **Settle**, always acking last, once what replaces the delivery is safely queued:
 //!    - done: ack;
 //!    - retryable with attempts left: publish a copy with `attempt + 1` into the delay
@@ -26,11 +27,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
+use futures::future::BoxFuture;
 use lapin::message::Delivery;
 use lapin::{BasicProperties, Channel};
 use tokio_util::sync::CancellationToken;
 use warren_core::config::QueueConfig;
-use warren_core::envelope::{self, DeadLetter, DeadReason, Job};
+use warren_core::envelope::{self, DeadLetter, DeadReason, Job, PayloadError};
 use warren_core::publish::{self, PublishError};
 use warren_core::{delay, topology};
 
@@ -149,40 +151,38 @@ pub(crate) async fn process(
 
 /// Steps 1 to 4: how the delivery is to be settled, how the job ended, and its attempt.
 async fn run(shared: &Shared, queue: &QueueRuntime, delivery: &Delivery) -> (Settle, Outcome, u32) {
-    let job = match Job::decode(
-        &delivery.properties,
-        &delivery.data,
-        shared.max_payload_bytes,
-    ) {
+    let body = &delivery.data;
+    let job = match Job::decode(&delivery.properties, body, shared.max_payload_bytes) {
         Ok(job) => job,
-        Err(err) => {
-            tracing::warn!(queue = %queue.name, error = %err, "malformed message, dead-lettering it");
-            let dead = dead_letter(shared, queue, DeadReason::Malformed, err.to_string(), 0);
-            let (settle, outcome) = dead_letter_and_ack(shared, queue, delivery, dead).await;
-            return (settle, outcome, 0);
-        }
+        Err(err) => return malformed(shared, queue, delivery, err.to_string()).await,
     };
-    let (settle, outcome) = match shared.registry.get(&job.kind) {
-        None => {
-            let reason = format!(
-                "no handler for kind `{}` (this worker knows: {})",
-                job.kind,
-                shared.registry.kinds().join(", ")
-            );
-            tracing::warn!(job = %job.id, kind = %job.kind, "{reason}; dead-lettering it");
-            let dead = dead_letter(shared, queue, DeadReason::UnknownKind, reason, job.attempt);
-            dead_letter_and_ack(shared, queue, delivery, dead).await
+    let Some(start) = shared.registry.get(&job.kind) else {
+        // A body that is not JSON is malformed whatever its kind (docs/PROTOCOL.md §5).
+        if let Err(err) = envelope::check_json(body) {
+            return malformed(shared, queue, delivery, err.to_string()).await;
         }
-        Some(handler) => {
-            let ctx = JobContext {
-                id: job.id.clone(),
-                kind: job.kind.clone(),
-                queue: queue.name.clone(),
-                attempt: job.attempt,
-                redelivered: delivery.redelivered,
-            };
-            let run = AssertUnwindSafe(handler.call(job.payload, ctx)).catch_unwind();
-            let result = match tokio::time::timeout(queue.config.job_timeout, run).await {
+        let reason = format!(
+            "no handler for kind `{}` (this worker knows: {})",
+            job.kind,
+            shared.registry.kinds().join(", ")
+        );
+        tracing::warn!(job = %job.id, kind = %job.kind, "{reason}; dead-lettering it");
+        let dead = dead_letter(shared, queue, DeadReason::UnknownKind, reason, job.attempt);
+        let (settle, outcome) = dead_letter_and_ack(shared, queue, delivery, dead).await;
+        return (settle, outcome, job.attempt);
+    };
+    let attempt = job.attempt;
+    let ctx = JobContext {
+        id: job.id,
+        kind: job.kind,
+        queue: queue.name.clone(),
+        attempt,
+        redelivered: delivery.redelivered,
+    };
+    let result = match start(body, ctx) {
+        Ok(running) => {
+            let running = AssertUnwindSafe(running).catch_unwind();
+            match tokio::time::timeout(queue.config.job_timeout, running).await {
                 Err(_) => Err(JobError::retry(format!(
                     "timed out after {}",
                     humantime::format_duration(queue.config.job_timeout)
@@ -192,11 +192,28 @@ async fn run(shared: &Shared, queue: &QueueRuntime, delivery: &Delivery) -> (Set
                     panic_message(&panic)
                 ))),
                 Ok(Ok(result)) => result,
-            };
-            settle(shared, queue, delivery, job.attempt, result).await
+            }
         }
+        Err(err @ PayloadError::NotJson(_)) => {
+            return malformed(shared, queue, delivery, err.to_string()).await;
+        }
+        Err(err @ PayloadError::Mismatch(_)) => Err(JobError::permanent(err.to_string())),
     };
-    (settle, outcome, job.attempt)
+    let (settle, outcome) = settle(shared, queue, delivery, attempt, result).await;
+    (settle, outcome, attempt)
+}
+
+/// A message that is not a job: dead-lettered with the reason, never retried (attempts 0).
+async fn malformed(
+    shared: &Shared,
+    queue: &QueueRuntime,
+    delivery: &Delivery,
+    reason: String,
+) -> (Settle, Outcome, u32) {
+    tracing::warn!(queue = %queue.name, error = %reason, "malformed message, dead-lettering it");
+    let dead = dead_letter(shared, queue, DeadReason::Malformed, reason, 0);
+    let (settle, outcome) = dead_letter_and_ack(shared, queue, delivery, dead).await;
+    (settle, outcome, 0)
 }
 
 /// Step 4: ack, retry or dead-letter according to the handler's result.
@@ -239,20 +256,26 @@ async fn settle(
 }
 
 /// Queues attempt `next` to arrive after `seconds`, then acks this delivery.
-async fn retry_and_ack(
-    shared: &Shared,
-    queue: &QueueRuntime,
-    delivery: &Delivery,
+///
+/// This and [`dead_letter_and_ack`] return boxed futures: a publish awaiting its confirm is
+/// large, and only failed jobs take these paths. Inline, they would make every job's task
+/// several KiB, copied on each spawn (the callgrind profile of a drain showed it).
+fn retry_and_ack<'a>(
+    shared: &'a Shared,
+    queue: &'a QueueRuntime,
+    delivery: &'a Delivery,
     next: u32,
     seconds: u64,
-) -> (Settle, Outcome) {
-    let (exchange, key) = match seconds {
-        0 => (topology::JOBS_EXCHANGE.to_owned(), queue.name.to_string()),
-        _ => topology::delay_route(seconds, &queue.name),
-    };
-    let properties = envelope::retry_properties(&delivery.properties, next);
-    let published = publish_copy(shared, &exchange, &key, delivery, properties).await;
-    settle_after_publish(shared, published, Outcome::Retried)
+) -> BoxFuture<'a, (Settle, Outcome)> {
+    Box::pin(async move {
+        let (exchange, key) = match seconds {
+            0 => (topology::JOBS_EXCHANGE.to_owned(), queue.name.to_string()),
+            _ => topology::delay_route(seconds, &queue.name),
+        };
+        let properties = envelope::retry_properties(&delivery.properties, next);
+        let published = publish_copy(shared, &exchange, &key, delivery, properties).await;
+        settle_after_publish(shared, published, Outcome::Retried)
+    })
 }
 
 fn dead_letter(
@@ -272,16 +295,19 @@ fn dead_letter(
 }
 
 /// Publishes a copy with the failure headers to `<queue>.dead`, then acks this delivery.
-async fn dead_letter_and_ack(
-    shared: &Shared,
-    queue: &QueueRuntime,
-    delivery: &Delivery,
+fn dead_letter_and_ack<'a>(
+    shared: &'a Shared,
+    queue: &'a QueueRuntime,
+    delivery: &'a Delivery,
     dead: DeadLetter,
-) -> (Settle, Outcome) {
-    let properties = dead.properties(&delivery.properties);
-    let key = topology::dead_queue(&queue.name);
-    let published = publish_copy(shared, topology::DEAD_EXCHANGE, &key, delivery, properties).await;
-    settle_after_publish(shared, published, Outcome::DeadLettered)
+) -> BoxFuture<'a, (Settle, Outcome)> {
+    Box::pin(async move {
+        let properties = dead.properties(&delivery.properties);
+        let key = topology::dead_queue(&queue.name);
+        let published =
+            publish_copy(shared, topology::DEAD_EXCHANGE, &key, delivery, properties).await;
+        settle_after_publish(shared, published, Outcome::DeadLettered)
+    })
 }
 
 async fn publish_copy(
