@@ -305,7 +305,14 @@ impl Process {
                 tracing::info_span!("job", queue = %queue.queue.name, tag = delivery.delivery_tag);
             self.tracker.spawn(
                 async move {
-                    job::process(&shared, &queue.queue, &queue.settler, delivery).await;
+                    // Boxed so that spawning moves a pointer, not the whole job's state.
+                    Box::pin(job::process(
+                        &shared,
+                        &queue.queue,
+                        &queue.settler,
+                        delivery,
+                    ))
+                    .await;
                     drop(slot);
                 }
                 .instrument(span),
