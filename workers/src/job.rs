@@ -224,6 +224,7 @@ async fn settle(
     attempt: u32,
     result: Result<Option<serde_json::Value>, JobError>,
 ) -> (Settle, Outcome) {
+    let job = text(delivery.properties.message_id());
     match result {
         Ok(result) => {
             if let Some(value) = result {
@@ -232,7 +233,7 @@ async fn settle(
             (Settle::Ack, Outcome::Done)
         }
         Err(JobError::Permanent(reason)) => {
-            tracing::warn!(error = %reason, "permanent failure, dead-lettering the job");
+            tracing::warn!(job = %job, error = %reason, "permanent failure, dead-lettering the job");
             let dead = dead_letter(shared, queue, DeadReason::Permanent, reason, attempt);
             dead_letter_and_ack(shared, queue, delivery, dead).await
         }
@@ -242,12 +243,12 @@ async fn settle(
                 delay,
             } => {
                 let seconds = delay::whole_seconds(delay);
-                tracing::warn!(error = %reason, "attempt {attempt} failed, will be retried in {seconds}s as attempt {next}");
+                tracing::warn!(job = %job, error = %reason, "attempt {attempt} failed, will be retried in {seconds}s as attempt {next}");
                 retry_and_ack(shared, queue, delivery, next, seconds).await
             }
             Next::GiveUp => {
                 let reason = format!("gave up after {attempt} attempts; last error: {reason}");
-                tracing::warn!("{reason}; dead-lettering the job");
+                tracing::warn!(job = %job, "{reason}; dead-lettering the job");
                 let dead = dead_letter(shared, queue, DeadReason::Exhausted, reason, attempt);
                 dead_letter_and_ack(shared, queue, delivery, dead).await
             }
@@ -351,9 +352,6 @@ fn settle_after_publish(
 /// The one info line per job outcome. The job's span says the queue; the message says the
 /// outcome. Kept lean: at default logging this line is a third of a job's CPU cost in the worker.
 fn log_outcome(outcome: Outcome, properties: &BasicProperties, attempt: u32, started: Instant) {
-    fn text(v: &Option<lapin::types::ShortString>) -> &str {
-        v.as_ref().map_or("", |s| s.as_str())
-    }
     let outcome = outcome.as_str();
     tracing::info!(
         job = %text(properties.message_id()),
@@ -362,6 +360,11 @@ fn log_outcome(outcome: Outcome, properties: &BasicProperties, attempt: u32, sta
         duration_us = started.elapsed().as_micros() as u64,
         "job {outcome}"
     );
+}
+
+/// A short-string property as text ("" when absent).
+fn text(value: &Option<lapin::types::ShortString>) -> &str {
+    value.as_ref().map_or("", |s| s.as_str())
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
