@@ -220,6 +220,34 @@ where
     (recorder, registry)
 }
 
+/// Given a handler that panics before it returns its future (as a custom `Deserialize` or code
+/// before the first `.await` can), then the worker survives and the job is retried.
+#[tokio::test]
+async fn handler_panic_before_its_future_is_retried() {
+    let recorder = Recorder::new();
+    let mut registry = Registry::new();
+    let seen = recorder.clone();
+    registry.register("eager", move |payload: Value, ctx: JobContext| {
+        assert!(
+            ctx.attempt > 1,
+            "panicking at once on attempt {}",
+            ctx.attempt
+        );
+        seen.record(payload, &ctx);
+        std::future::ready(Ok(None))
+    });
+    let mut stage = Stage::new("eager-panic", registry).await;
+
+    stage.submit("eager", json!({})).await;
+
+    let calls = recorder.wait_for(1, DEADLINE).await;
+    assert_eq!(calls[0].attempt, 2, "attempt 1 panicked and was retried");
+    assert!(stage.worker_is_running());
+    stage.stop_worker().await;
+    assert_eq!(stage.ready().await, (0, 0));
+    stage.end().await;
+}
+
 /// Given a handler that panics on its first attempt, then the worker survives, the panic is
 /// a retryable failure, and the second attempt succeeds.
 #[tokio::test]

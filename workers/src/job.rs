@@ -179,25 +179,25 @@ async fn run(shared: &Shared, queue: &QueueRuntime, delivery: &Delivery) -> (Set
         attempt,
         redelivered: delivery.redelivered,
     };
-    let result = match start(body, ctx) {
-        Ok(running) => {
+    // The payload is parsed, and the handler called, before its future runs: a panic there (a
+    // custom `Deserialize`, code before the handler's first `.await`) is caught too.
+    let result = match std::panic::catch_unwind(AssertUnwindSafe(|| start(body, ctx))) {
+        Ok(Ok(running)) => {
             let running = AssertUnwindSafe(running).catch_unwind();
             match tokio::time::timeout(queue.config.job_timeout, running).await {
                 Err(_) => Err(JobError::retry(format!(
                     "timed out after {}",
                     humantime::format_duration(queue.config.job_timeout)
                 ))),
-                Ok(Err(panic)) => Err(JobError::retry(format!(
-                    "handler panicked: {}",
-                    panic_message(&panic)
-                ))),
+                Ok(Err(panic)) => Err(panicked(&*panic)),
                 Ok(Ok(result)) => result,
             }
         }
-        Err(err @ PayloadError::NotJson(_)) => {
+        Ok(Err(err @ PayloadError::NotJson(_))) => {
             return malformed(shared, queue, delivery, err.to_string()).await;
         }
-        Err(err @ PayloadError::Mismatch(_)) => Err(JobError::permanent(err.to_string())),
+        Ok(Err(err @ PayloadError::Mismatch(_))) => Err(JobError::permanent(err.to_string())),
+        Err(panic) => Err(panicked(&*panic)),
     };
     let (settle, outcome) = settle(shared, queue, delivery, attempt, result).await;
     (settle, outcome, attempt)
@@ -367,12 +367,14 @@ fn text(value: &Option<lapin::types::ShortString>) -> &str {
     value.as_ref().map_or("", |s| s.as_str())
 }
 
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    if let Some(text) = panic.downcast_ref::<&str>() {
-        (*text).to_owned()
+/// A handler's panic, as the retryable failure it counts as.
+fn panicked(panic: &(dyn std::any::Any + Send)) -> JobError {
+    let message = if let Some(text) = panic.downcast_ref::<&str>() {
+        text
     } else if let Some(text) = panic.downcast_ref::<String>() {
-        text.clone()
+        text.as_str()
     } else {
-        "(non-text panic payload)".to_owned()
-    }
+        "(non-text panic payload)"
+    };
+    JobError::retry(format!("handler panicked: {message}"))
 }
