@@ -22,6 +22,7 @@ import amqp
 import celery
 import kombu
 
+import job_payload
 import peer_common
 from celery_tasks import TASK_NAME, make_app
 
@@ -63,7 +64,7 @@ class CeleryPeer:
 
     def submit_all(self, queue, jobs):
         task = self.app.tasks[TASK_NAME]
-        payload = peer_common.payload
+        payload = job_payload.payload
         for i in range(jobs):
             task.apply_async((payload(i),))
 

@@ -21,6 +21,7 @@ import sys
 import dramatiq
 import pika
 
+import job_payload
 import peer_common
 from dramatiq_tasks import make_broker
 
@@ -54,7 +55,7 @@ class DramatiqPeer:
 
     def submit_all(self, queue, jobs):
         send = self.actor.send
-        payload = peer_common.payload
+        payload = job_payload.payload
         for i in range(jobs):
             send(payload(i))
 

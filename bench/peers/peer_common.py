@@ -1,8 +1,8 @@
 """Shared pieces of the Celery and Dramatiq peer benchmarks.
 
 The work is the same as Warren's benchmark: N persistent jobs, each carrying the ~150-byte JSON
-payload below, submitted with publisher confirms, handled by a no-op task that counts itself, and
-acked after the handler ran.
+payload of job_payload.py, submitted with publisher confirms, handled by a no-op task that
+counts itself, and acked after the handler ran.
 
 Counting: every handler call appends one fixed-width record, ``"%08d %017.6f\\n"`` (job id, wall
 clock when the handler ran), to a count file opened with O_APPEND. A write of 27 bytes to a local
@@ -38,19 +38,6 @@ VHOST = "/"
 RECORD_SIZE = 27  # len(b"%08d %017.6f\n" % (0, time.time()))
 RSS_INTERVAL_S = 0.05
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def payload(i: int) -> dict:
-    """The job payload, identical to Warren's benchmark (bench/src/main.rs)."""
-    return {
-        "user_id": i,
-        "action": "send-welcome-email",
-        "email": "someone@example.com",
-        "template": "welcome-v2",
-        "locale": "en-GB",
-        "attempt_hint": 0,
-        "pad": "xxxxxxxxxxxxxxxx",
-    }
 
 
 def unique_queue(system: str) -> str:

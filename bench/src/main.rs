@@ -245,7 +245,7 @@ pub fn queue_type_name(queue_type: QueueType) -> &'static str {
     }
 }
 
-/// The job payload, identical to the Python peers' (bench/peers/peer_common.py): ~150 bytes.
+/// The job payload, identical to the Python side's (bench/peers/job_payload.py): ~150 bytes.
 pub fn payload(i: usize) -> Value {
     json!({
         "user_id": i, "action": "send-welcome-email", "email": "someone@example.com",

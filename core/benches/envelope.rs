@@ -9,8 +9,9 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use serde::de::DeserializeOwned;
 use serde_json::Value;
-use warren_core::envelope::{self, Job, NewJob};
+use warren_core::envelope::{self, DecodeError, Job, Message, NewJob, PayloadError};
 use warren_core::{delay, topology};
 
 fn payload() -> Value {
@@ -29,6 +30,16 @@ struct Welcome {
     template: String,
 }
 
+/// What a worker does with a delivery before its handler runs: decode, then read the payload.
+fn decode<P: DeserializeOwned>(
+    message: &Message,
+) -> (Result<Job, DecodeError>, Result<P, PayloadError>) {
+    (
+        Job::decode(&message.properties, &message.body, 1 << 20),
+        envelope::parse_payload::<P>(&message.body),
+    )
+}
+
 fn envelope(c: &mut Criterion) {
     let job = NewJob::new("emails", "send", &payload());
     c.bench_function("encode ~150-byte job", |b| {
@@ -37,30 +48,10 @@ fn envelope(c: &mut Criterion) {
 
     let message = job.encode(1 << 20).expect("encodes");
     c.bench_function("decode ~150-byte job", |b| {
-        b.iter(|| {
-            let job = Job::decode(
-                black_box(&message.properties),
-                black_box(&message.body),
-                1 << 20,
-            );
-            (
-                job,
-                envelope::parse_payload::<Value>(black_box(&message.body)),
-            )
-        })
+        b.iter(|| decode::<Value>(black_box(&message)))
     });
     c.bench_function("decode ~150-byte job, typed payload", |b| {
-        b.iter(|| {
-            let job = Job::decode(
-                black_box(&message.properties),
-                black_box(&message.body),
-                1 << 20,
-            );
-            (
-                job,
-                envelope::parse_payload::<Welcome>(black_box(&message.body)),
-            )
-        })
+        b.iter(|| decode::<Welcome>(black_box(&message)))
     });
     c.bench_function("retry copy properties", |b| {
         b.iter(|| envelope::retry_properties(black_box(&message.properties), 2))
