@@ -1,8 +1,8 @@
 //! Connecting to RabbitMQ, with bounded retries.
 //!
 //! Every Warren process opens its connections here: named (so `rabbitmqctl list_connections
-//! name` and the management UI tell them apart), with the configured heartbeat, a modest frame
-//! size ([`DEFAULT_FRAME_MAX`], it sets lapin's buffer sizes), and on tokio
+//! name` and the management UI tell them apart), with the configured heartbeat, RabbitMQ's
+//! default frame size ([`DEFAULT_FRAME_MAX`]: any message a producer may send fits), and on tokio
 //! through `async_rs::Runtime::tokio_current()` (lapin 4 runs on tokio by itself; no executor
 //! bridge is needed). A broker that is down is retried with exponential backoff for
 //! `broker.connect_timeout`, then reported as [`ConnectError::Unreachable`]; refused
@@ -44,11 +44,16 @@ pub enum ConnectError {
     },
 }
 
-/// The largest AMQP frame asked for, unless the URL sets `?frame_max=`. lapin keeps two
-/// buffers of 32 frames per connection, allocated up front: at RabbitMQ's default (128 KiB)
-/// that is 16 MiB for a worker's two connections, at 16 KiB it is 2 MiB. Bigger messages are
-/// simply sent as more frames.
-pub const DEFAULT_FRAME_MAX: u32 = 16 * 1024;
+/// The largest AMQP frame asked for, unless the URL sets `?frame_max=`: RabbitMQ's own default
+/// (`frame_max = 131072`). It must be at least what producers may use: AMQP cannot split a
+/// message's content header (its properties and header table) across frames, so RabbitMQ
+/// delivers a header as large as its producer's frame size allowed, and lapin closes a
+/// connection that receives a frame over the size it asked for — every in-flight ack lost,
+/// and the same message redelivered into the same crash. (Warren asked for 16 KiB until
+/// 2026-11-30 to save memory: lapin allocates two buffers of 32 frames per connection; at this
+/// size they are reserved up front and filled only as traffic passes through them.) A broker
+/// configured with a larger `frame_max` needs the same `?frame_max=` in Warren's URL.
+pub const DEFAULT_FRAME_MAX: u32 = 128 * 1024;
 
 /// Opens connections to one broker or cluster, remembering which address worked last so
 /// that, after losing a connection, the next attempt starts with the following address.

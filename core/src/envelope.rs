@@ -13,6 +13,13 @@
 //!   header table at all because RabbitMQ parses it on every publish: with the two headers
 //!   Warren used to write, a confirmed publish was 15–20% slower (bench/, 2026-11-24).
 //!
+//! The copies a worker publishes (retries, dead letters) carry only what Warren chose: the
+//! [`CARRIED_HEADERS`] allow-list, each value a short scalar, plus the headers Warren writes
+//! itself, each capped in size ([`MAX_ERROR_BYTES`]). Anything else a producer put in the
+//! header table stays behind: `CC`/`BCC` (RabbitMQ would route every copy to those keys too,
+//! multiplying the job), forged `x-warren-error*` fields, broker bookkeeping (`x-death`), and
+//! headers too big for a copy to be delivered safely.
+//!
 //! Everything read from a message is untrusted: [`Job::decode`] turns its properties into a
 //! typed job or a [`DecodeError`] that says why it is poison, and [`parse_payload`] its body
 //! into the handler's payload type or a [`PayloadError`]. Neither ever panics.
@@ -43,6 +50,16 @@ pub const FAILED_AT: &str = "x-warren-failed-at";
 pub const WORKER: &str = "x-warren-worker";
 /// Dead-letter header: the work queue it came from.
 pub const QUEUE: &str = "x-warren-queue";
+
+/// Headers of a delivery that its copies (retries, dead letters) carry over, if their value is
+/// a string or number of at most [`MAX_CARRIED_VALUE_BYTES`]: the documented producer input
+/// [`FIRST_ENQUEUED_AT`] and W3C trace context. [`ATTEMPT`] is written anew on every copy.
+pub const CARRIED_HEADERS: [&str; 4] = [FIRST_ENQUEUED_AT, "traceparent", "tracestate", "baggage"];
+/// The largest header value a copy carries over from its delivery.
+pub const MAX_CARRIED_VALUE_BYTES: usize = 1024;
+/// The longest [`ERROR`] text Warren writes; a longer handler error or panic message is cut
+/// there (on a character boundary) and says how much was left out.
+pub const MAX_ERROR_BYTES: usize = 2048;
 
 /// The only content type Warren writes, and the only one it reads (besides none at all).
 pub const CONTENT_TYPE: &str = "application/json";
@@ -285,7 +302,7 @@ fn attempt(headers: Option<&FieldTable>) -> Result<u32, DecodeError> {
         return Ok(1);
     };
     let Some(number) = integer(value) else {
-        return Err(DecodeError::BadAttempt(format!("{value:?}")));
+        return Err(DecodeError::BadAttempt(describe(value)));
     };
     u32::try_from(number)
         .ok()
@@ -293,9 +310,38 @@ fn attempt(headers: Option<&FieldTable>) -> Result<u32, DecodeError> {
         .ok_or_else(|| DecodeError::BadAttempt(number.to_string()))
 }
 
-/// Properties for the next attempt of a job: everything the original carried, with the
-/// attempt counter set and the broker's per-hop bookkeeping (`x-death`, `x-delivery-count`)
-/// left behind.
+/// A header value as a short description for an error message: never more than a few dozen
+/// bytes, whatever the producer sent (the message may end up in a dead letter's header).
+fn describe(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::LongString(s) => describe_text("a string", s.as_bytes()),
+        AMQPValue::ShortString(s) => describe_text("a string", s.as_str().as_bytes()),
+        AMQPValue::ByteArray(b) => format!("a byte array of {} bytes", b.as_slice().len()),
+        AMQPValue::FieldTable(t) => format!("a table of {} fields", t.inner().len()),
+        AMQPValue::FieldArray(a) => format!("an array of {} values", a.as_slice().len()),
+        AMQPValue::Boolean(b) => format!("the boolean {b}"),
+        AMQPValue::Float(f) => format!("the float {f}"),
+        AMQPValue::Double(f) => format!("the float {f}"),
+        AMQPValue::DecimalValue(_) => "a decimal".to_owned(),
+        AMQPValue::Timestamp(t) => format!("the timestamp {t}"),
+        AMQPValue::Void => "void".to_owned(),
+        other => integer(other).map_or_else(|| "a value".to_owned(), |n| n.to_string()),
+    }
+}
+
+fn describe_text(what: &str, bytes: &[u8]) -> String {
+    const PREVIEW: usize = 24;
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(PREVIEW)]);
+    let text: String = text.chars().filter(|c| !c.is_control()).collect();
+    if bytes.len() > PREVIEW {
+        format!("{what} of {} bytes (\"{text}…\")", bytes.len())
+    } else {
+        format!("{what} (\"{text}\")")
+    }
+}
+
+/// Properties for the next attempt of a job: the original's properties ([`copy_of`]), the
+/// [`CARRIED_HEADERS`] it had, and the attempt counter.
 pub fn retry_properties(original: &BasicProperties, next_attempt: u32) -> BasicProperties {
     let mut headers = carried_headers(original);
     headers.insert(
@@ -348,7 +394,7 @@ impl DeadLetter {
         let mut put = |key: &str, value: AMQPValue| {
             headers.insert(key.into(), value);
         };
-        put(ERROR, long_string(&self.error));
+        put(ERROR, long_string(&capped(&self.error, MAX_ERROR_BYTES)));
         put(ERROR_CLASS, long_string(self.reason.class()));
         put(ATTEMPTS, AMQPValue::LongLongInt(i64::from(self.attempts)));
         put(FAILED_AT, timestamp_value(SystemTime::now()));
@@ -401,22 +447,50 @@ fn copy_of(original: &BasicProperties) -> BasicProperties {
     copy.with_delivery_mode(PERSISTENT)
 }
 
-/// The original headers minus what the broker adds on each dead-letter hop.
+/// The [`CARRIED_HEADERS`] of the original whose values are short scalars; nothing else.
 fn carried_headers(original: &BasicProperties) -> FieldTable {
     let mut headers = FieldTable::default();
-    if let Some(old) = original.headers() {
-        for (key, value) in old {
-            let key_str = key.as_str();
-            let broker_owned = key_str == "x-death"
-                || key_str == "x-delivery-count"
-                || key_str.starts_with("x-first-death-")
-                || key_str.starts_with("x-last-death-");
-            if !broker_owned {
-                headers.insert(key.clone(), value.clone());
-            }
+    let Some(old) = original.headers() else {
+        return headers;
+    };
+    for name in CARRIED_HEADERS {
+        if let Some(value) = old.inner().get(name)
+            && is_short_scalar(value)
+        {
+            headers.insert(name.into(), value.clone());
         }
     }
     headers
+}
+
+/// Strings up to [`MAX_CARRIED_VALUE_BYTES`], numbers, booleans and timestamps.
+fn is_short_scalar(value: &AMQPValue) -> bool {
+    match value {
+        AMQPValue::LongString(s) => s.as_bytes().len() <= MAX_CARRIED_VALUE_BYTES,
+        AMQPValue::ShortString(_) => true,
+        AMQPValue::FieldTable(_)
+        | AMQPValue::FieldArray(_)
+        | AMQPValue::ByteArray(_)
+        | AMQPValue::Void => false,
+        _ => true,
+    }
+}
+
+/// `text` cut to at most `limit` bytes on a character boundary, saying how much was left out.
+pub fn capped(text: &str, limit: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= limit {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let note = format!("… ({} more bytes)", text.len());
+    let mut end = limit.saturating_sub(note.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!(
+        "{}… ({} more bytes)",
+        &text[..end],
+        text.len() - end
+    ))
 }
 
 /// Reads a header as text, if it is a string.
@@ -467,6 +541,7 @@ fn unix_seconds(at: SystemTime) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lapin::types::FieldArray;
 
     fn encode(job: &NewJob) -> Message {
         job.encode(1024).expect("encodes")
@@ -623,12 +698,15 @@ mod tests {
         let message = encode(&NewJob::new("q", "k", &serde_json::json!({})));
         let mut headers = message.properties.headers().clone().unwrap_or_default();
         headers.insert("x-death".into(), AMQPValue::FieldArray(Default::default()));
-        headers.insert("x-custom".into(), long_string("kept"));
+        headers.insert("traceparent".into(), long_string("00-abc-def-01"));
         let delivered = message.properties.clone().with_headers(headers);
 
         let retry = retry_properties(&delivered, 2);
         assert_eq!(header_int(&retry, ATTEMPT), Some(2));
-        assert_eq!(header_str(&retry, "x-custom").as_deref(), Some("kept"));
+        assert_eq!(
+            header_str(&retry, "traceparent").as_deref(),
+            Some("00-abc-def-01")
+        );
         assert!(
             !retry
                 .headers()
@@ -650,5 +728,89 @@ mod tests {
         assert_eq!(header_str(&dead, ERROR_CLASS).as_deref(), Some("exhausted"));
         assert_eq!(header_int(&dead, ATTEMPTS), Some(3));
         assert!(header_str(&dead, FAILED_AT).is_some());
+    }
+
+    fn hostile_headers() -> BasicProperties {
+        let mut headers = FieldTable::default();
+        let keys = FieldArray::from(vec![long_string("warren.delay.00")]);
+        headers.insert("CC".into(), AMQPValue::FieldArray(keys.clone()));
+        headers.insert("BCC".into(), AMQPValue::FieldArray(keys));
+        headers.insert(ERROR_CLASS.into(), long_string("permanent"));
+        headers.insert(ERROR.into(), long_string("forged"));
+        headers.insert("x-warren-replayed".into(), long_string("forged"));
+        headers.insert("x-custom".into(), long_string("not carried"));
+        headers.insert("traceparent".into(), long_string(&"t".repeat(20_000)));
+        headers.insert(
+            FIRST_ENQUEUED_AT.into(),
+            long_string("2026-01-01T00:00:00.000Z"),
+        );
+        BasicProperties::default()
+            .with_message_id("x".into())
+            .with_type("k".into())
+            .with_headers(headers)
+    }
+
+    #[test]
+    fn copies_carry_only_the_allow_list() {
+        let delivered = hostile_headers();
+        let retry = retry_properties(&delivered, 2);
+        let kept: Vec<&str> = retry
+            .headers()
+            .as_ref()
+            .expect("headers")
+            .inner()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        assert_eq!(
+            kept,
+            vec![ATTEMPT, FIRST_ENQUEUED_AT],
+            "CC, BCC, forged x-warren-* and the 20 KB traceparent stay behind"
+        );
+
+        let dead = DeadLetter {
+            reason: DeadReason::Exhausted,
+            error: "boom".into(),
+            attempts: 3,
+            queue: "q".into(),
+            worker: "w1".into(),
+        }
+        .properties(&delivered);
+        let headers = dead.headers().as_ref().expect("headers");
+        assert!(!headers.contains_key("CC") && !headers.contains_key("BCC"));
+        assert!(!headers.contains_key("x-warren-replayed"));
+        assert!(!headers.contains_key("x-custom"));
+        assert_eq!(header_str(&dead, ERROR_CLASS).as_deref(), Some("exhausted"));
+        assert_eq!(header_str(&dead, ERROR).as_deref(), Some("boom"));
+    }
+
+    #[test]
+    fn headers_warren_writes_are_capped() {
+        let huge = format!("handler panicked: {}", "é".repeat(50_000));
+        let dead = DeadLetter {
+            reason: DeadReason::Permanent,
+            error: huge.clone(),
+            attempts: 1,
+            queue: "q".into(),
+            worker: "w1".into(),
+        }
+        .properties(&hostile_headers());
+        let error = header_str(&dead, ERROR).expect("error header");
+        assert!(error.len() <= MAX_ERROR_BYTES, "{} bytes", error.len());
+        assert!(error.starts_with("handler panicked: é"));
+        assert!(error.ends_with("more bytes)"));
+
+        let mut headers = FieldTable::default();
+        headers.insert(ATTEMPT.into(), long_string(&"9".repeat(4096)));
+        let props = BasicProperties::default()
+            .with_message_id("x".into())
+            .with_type("k".into())
+            .with_headers(headers);
+        let Err(err) = Job::decode(&props, b"{}", 1024) else {
+            panic!("a 4 KB string attempt is malformed");
+        };
+        let text = err.to_string();
+        assert!(text.len() < 120, "error echoes at most a preview: {text}");
+        assert!(text.contains("4096 bytes"), "{text}");
     }
 }
