@@ -153,8 +153,13 @@ impl Default for DispatcherConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
-    /// Jobs run at once by one process; also each consumer's prefetch.
+    /// Handlers run at once by one process.
     pub concurrency: u16,
+    /// Each consumer's prefetch (unacked deliveries the broker sends ahead); `None` means twice
+    /// `concurrency`. At least `concurrency`: the room above it keeps a queue moving while
+    /// failed jobs wait for their retry or dead letter to be confirmed (a memory alarm blocks
+    /// that publish for as long as it lasts, up to `broker.operation_timeout`).
+    pub prefetch: Option<u16>,
     /// On SIGTERM/SIGINT, how long in-flight jobs may take to finish before the process exits
     /// anyway (what did not finish is redelivered by the broker).
     #[serde(with = "humane")]
@@ -165,8 +170,17 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             concurrency: 16,
+            prefetch: None,
             shutdown_grace: Duration::from_secs(30),
         }
+    }
+}
+
+impl WorkerConfig {
+    /// Each consumer's prefetch: `prefetch`, or twice `concurrency`.
+    pub fn prefetch(&self) -> u16 {
+        self.prefetch
+            .unwrap_or_else(|| self.concurrency.saturating_mul(2))
     }
 }
 
@@ -394,6 +408,15 @@ impl Config {
             return Err(invalid(
                 "worker.concurrency".into(),
                 "must be at least 1".into(),
+            ));
+        }
+        if self.worker.prefetch() < self.worker.concurrency {
+            return Err(invalid(
+                "worker.prefetch".into(),
+                format!(
+                    "must be at least worker.concurrency ({})",
+                    self.worker.concurrency
+                ),
             ));
         }
         if self.jobs.max_payload_bytes == 0 {

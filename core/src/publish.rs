@@ -35,7 +35,8 @@ pub enum PublishError {
     Channel(#[from] lapin::Error),
 }
 
-/// Sends one message (`mandatory`) and returns its pending confirm.
+/// Sends one message (`mandatory`) and returns its pending confirm. The caller bounds how long
+/// sending may take (see [`publish`]).
 pub async fn send(
     channel: &Channel,
     exchange: &str,
@@ -63,7 +64,9 @@ pub async fn send(
     })
 }
 
-/// Sends one message and waits for its confirm.
+/// Sends one message and waits for its confirm, all of it within `timeout`: sending can hang
+/// too, not only the confirm (RabbitMQ stops reading from a publisher it blocked under a
+/// memory or disk alarm, and the socket's buffers fill up).
 pub async fn publish(
     channel: &Channel,
     exchange: &str,
@@ -72,10 +75,15 @@ pub async fn publish(
     properties: BasicProperties,
     timeout: Duration,
 ) -> Result<(), PublishError> {
-    send(channel, exchange, routing_key, body, properties)
-        .await?
-        .confirmed(timeout)
+    let publish = async {
+        send(channel, exchange, routing_key, body, properties)
+            .await?
+            .confirmed(timeout)
+            .await
+    };
+    tokio::time::timeout(timeout, publish)
         .await
+        .map_err(|_| PublishError::Timeout(timeout))?
 }
 
 /// A message sent and not yet confirmed.

@@ -30,6 +30,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use lapin::message::Delivery;
 use lapin::{BasicProperties, Channel};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use warren_core::config::QueueConfig;
 use warren_core::envelope::{self, DeadLetter, DeadReason, Job, PayloadError};
@@ -68,6 +69,9 @@ pub(crate) struct Stats {
     /// Acks lapin could not send because the channel was lost (`Ok(false)`): the broker will
     /// redeliver those jobs, so they may run twice.
     pub acks_lost: AtomicU64,
+    /// Consumers the broker cancelled (queue deleted, consumer timeout on RabbitMQ 4.x) or
+    /// whose channel it closed; each was subscribed again.
+    pub consumer_restarts: AtomicU64,
 }
 
 impl Stats {
@@ -87,12 +91,13 @@ impl std::fmt::Display for Stats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         write!(
             f,
-            "{} done, {} retries scheduled, {} dead-lettered, {} requeued ({} acks lost with their channel)",
+            "{} done, {} retries scheduled, {} dead-lettered, {} requeued ({} acks lost with their channel), {} consumers restarted",
             get(&self.done),
             get(&self.retried),
             get(&self.dead_lettered),
             get(&self.requeued),
-            get(&self.acks_lost)
+            get(&self.acks_lost),
+            get(&self.consumer_restarts)
         )
     }
 }
@@ -126,14 +131,21 @@ impl Outcome {
 
 /// Runs one delivery to its end and hands it to its channel's settler. Never panics and never
 /// returns an error: every path settles the delivery or leaves it to the broker to redeliver.
+///
+/// `slot` is the job's place among the worker's `concurrency`: it is given back as soon as the
+/// handler has returned, before the retry or dead letter is published. Publishing can take
+/// long (under a memory alarm RabbitMQ blocks publishers until the alarm clears, up to
+/// `broker.operation_timeout` here); failed jobs waiting for that must not keep good jobs from
+/// running.
 pub(crate) async fn process(
     shared: &Shared,
     queue: &QueueRuntime,
     settler: &Settler,
     delivery: Delivery,
+    slot: OwnedSemaphorePermit,
 ) {
     let started = Instant::now();
-    let (settle, outcome, attempt) = run(shared, queue, &delivery).await;
+    let (settle, outcome, attempt) = run(shared, queue, &delivery, slot).await;
     log_outcome(outcome, &delivery.properties, attempt, started);
     let id = match settler.keeps_ids() {
         true => delivery.properties.message_id().clone(),
@@ -150,13 +162,22 @@ pub(crate) async fn process(
 }
 
 /// Steps 1 to 4: how the delivery is to be settled, how the job ended, and its attempt.
-async fn run(shared: &Shared, queue: &QueueRuntime, delivery: &Delivery) -> (Settle, Outcome, u32) {
+async fn run(
+    shared: &Shared,
+    queue: &QueueRuntime,
+    delivery: &Delivery,
+    slot: OwnedSemaphorePermit,
+) -> (Settle, Outcome, u32) {
     let body = &delivery.data;
     let job = match Job::decode(&delivery.properties, body, shared.max_payload_bytes) {
         Ok(job) => job,
-        Err(err) => return malformed(shared, queue, delivery, err.to_string()).await,
+        Err(err) => {
+            drop(slot);
+            return malformed(shared, queue, delivery, err.to_string()).await;
+        }
     };
     let Some(start) = shared.registry.get(&job.kind) else {
+        drop(slot);
         // A body that is not JSON is malformed whatever its kind (docs/PROTOCOL.md §5).
         if let Err(err) = envelope::check_json(body) {
             return malformed(shared, queue, delivery, err.to_string()).await;
@@ -194,11 +215,13 @@ async fn run(shared: &Shared, queue: &QueueRuntime, delivery: &Delivery) -> (Set
             }
         }
         Ok(Err(err @ PayloadError::NotJson(_))) => {
+            drop(slot);
             return malformed(shared, queue, delivery, err.to_string()).await;
         }
         Ok(Err(err @ PayloadError::Mismatch(_))) => Err(JobError::permanent(err.to_string())),
         Err(panic) => Err(panicked(&*panic)),
     };
+    drop(slot);
     let (settle, outcome) = settle(shared, queue, delivery, attempt, result).await;
     (settle, outcome, attempt)
 }

@@ -6,15 +6,18 @@
 //!    confirms. They are separate because RabbitMQ blocks publishing connections under a
 //!    memory or disk alarm, and consuming must go on then;
 //! 2. declares the topology of every consumed queue (idempotently);
-//! 3. opens one channel and consumer per queue, with a per-consumer prefetch of `concurrency`
-//!    (quorum queues refuse global QoS) and a unique consumer tag;
+//! 3. opens one channel and consumer per queue, with a per-consumer prefetch (quorum queues
+//!    refuse global QoS) of `worker.prefetch`, twice `concurrency` by default, and a unique
+//!    consumer tag;
 //! 4. merges the deliveries of all queues and runs each as its own task ([`crate::job`]), at
 //!    most `concurrency` at once across queues and sessions; each channel's settler task sends
 //!    the acks, batching runs of finished deliveries into one `multiple` ack
 //!    ([`crate::settle`]).
 //!
-//! A channel the broker closed (consumer timeout, a deleted queue) is reopened within the
-//! session. A lost connection ends the session: the loop reconnects with exponential backoff
+//! A consumer the broker ends — its channel closed (consumer timeout on 3.x), or a
+//! `basic.cancel` (its queue deleted, or a consumer timeout on 4.x) — is subscribed again within
+//! the session, on a new channel, with backoff while its queue is missing: it is logged and
+//! counted, and the other queues go on meanwhile. A queue is never left silently unconsumed. A lost connection ends the session: the loop reconnects with exponential backoff
 //! (trying every configured address) and starts a new one. Jobs still running from the old
 //! session finish, but their acks cannot reach the broker any more (lapin returns `Ok(false)`,
 //! counted in the stats): the broker has already requeued them, so they run again
@@ -25,7 +28,8 @@
 //! not started, and jobs still running after the grace period, return to their queues when the
 //! connection closes.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backoff::ExponentialBackoff;
@@ -81,6 +85,8 @@ pub enum WorkerError {
     PublisherLost,
     #[error("every consumer was cancelled by the broker (queues deleted?)")]
     ConsumersCancelled,
+    #[error("the connection to the broker was lost")]
+    ConnectionLost,
 }
 
 impl WorkerError {
@@ -254,12 +260,10 @@ impl Process {
             stats: self.stats.clone(),
         });
 
-        let mut consumers = Vec::new();
+        let consumers = Mutex::new(Vec::new());
         let mut deliveries = SelectAll::new();
         for queue in &self.queues {
-            let consumer = self.consume(&consuming, queue).await?;
-            deliveries.push(consumer.stream);
-            consumers.push((consumer.channel, consumer.tag));
+            deliveries.push(self.consume(&consuming, queue, &consumers).await?);
         }
         reconnect.reset();
         tracing::info!(
@@ -283,21 +287,33 @@ impl Process {
                 next = deliveries.next() => next,
             };
             let (queue, delivery) = match next {
-                Some((queue, Ok(delivery))) => (queue, delivery),
-                Some((ConsumerOf { queue, .. }, Err(err))) => {
+                Some(Event::Delivery(of, delivery)) => (of, delivery),
+                Some(Event::Ended(of, why)) => {
                     if !consuming.status().connected() {
-                        break Err(WorkerError::Broker {
-                            what: format!("consuming `{}`", queue.name),
-                            source: err,
-                        });
+                        break Err(why.map_or(WorkerError::ConnectionLost, |source| {
+                            WorkerError::Broker {
+                                what: format!("consuming `{}`", of.queue.name),
+                                source,
+                            }
+                        }));
                     }
-                    // The broker closed this queue's channel (consumer timeout, ...): reopen it.
-                    tracing::warn!(queue = %queue.name, error = %err, "consumer channel closed by the broker; reopening it");
-                    let consumer = self.consume(&consuming, &queue).await?;
-                    deliveries.push(consumer.stream);
-                    consumers.push((consumer.channel, consumer.tag));
+                    // A closed channel ends its stream with the error, then `Ended(None)`.
+                    if shutdown.is_cancelled() || of.ended.swap(true, Ordering::Relaxed) {
+                        continue;
+                    }
+                    self.stats.consumer_restarts.fetch_add(1, Ordering::Relaxed);
+                    match &why {
+                        Some(err) => {
+                            tracing::warn!(queue = %of.queue.name, error = %err, "the broker closed the consumer's channel; subscribing again")
+                        }
+                        None => {
+                            tracing::warn!(queue = %of.queue.name, "the broker cancelled the consumer (queue deleted, or a consumer timeout); subscribing again")
+                        }
+                    }
+                    deliveries.push(self.resubscribe(&consuming, of.queue, &consumers));
                     continue;
                 }
+                Some(Event::Lost(err)) => break Err(err),
                 None => break Err(WorkerError::ConsumersCancelled),
             };
             let shared = shared.clone();
@@ -311,9 +327,9 @@ impl Process {
                         &queue.queue,
                         &queue.settler,
                         delivery,
+                        slot,
                     ))
                     .await;
-                    drop(slot);
                 }
                 .instrument(span),
             );
@@ -323,6 +339,7 @@ impl Process {
         // last job task has handed its delivery over.
         drop(deliveries);
         if ended.is_ok() {
+            let consumers = lock(&consumers).clone();
             self.drain(&consumers).await;
         }
         let _ = tokio::time::timeout(timeout, consuming.close(200, "worker stopping".into())).await;
@@ -355,16 +372,61 @@ impl Process {
         }
     }
 
-    /// Opens a channel with per-consumer prefetch and consumes `queue` under a unique tag.
-    async fn consume(
+    /// Subscribes to `queue` again after the broker ended its consumer: at once, then with
+    /// exponential backoff (200 ms up to 10 s) while it fails (the queue is gone). The returned
+    /// stream yields the new consumer's deliveries once it is subscribed; if the connection is
+    /// lost meanwhile it yields [`Event::Lost`], which ends the session.
+    fn resubscribe<'a>(
+        &'a self,
+        connection: &'a Connection,
+        queue: Arc<QueueRuntime>,
+        consumers: &'a Mutex<Vec<(Channel, String)>>,
+    ) -> Deliveries<'a> {
+        let subscribed = async move {
+            let mut backoff = ExponentialBackoff {
+                initial_interval: Duration::from_millis(200),
+                max_interval: Duration::from_secs(10),
+                max_elapsed_time: None,
+                ..ExponentialBackoff::default()
+            };
+            loop {
+                match self.consume(connection, &queue, consumers).await {
+                    Ok(stream) => {
+                        tracing::info!(queue = %queue.name, "consuming the queue again");
+                        return stream;
+                    }
+                    Err(err) if !connection.status().connected() => {
+                        return futures::stream::once(async move { Event::Lost(err) }).boxed();
+                    }
+                    Err(err) => {
+                        let wait = backoff.next_backoff().unwrap_or(backoff.max_interval);
+                        tracing::warn!(
+                            queue = %queue.name,
+                            error = %warren_core::error_chain(&err),
+                            "cannot consume the queue (deleted?); trying again in {}",
+                            humantime::format_duration(Duration::from_millis(wait.as_millis() as u64))
+                        );
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+        };
+        futures::stream::once(subscribed).flatten().boxed()
+    }
+
+    /// Opens a channel with per-consumer prefetch and consumes `queue` under a unique tag; the
+    /// consumer is added to `consumers` (cancelled on shutdown). The stream ends with
+    /// [`Event::Ended`] when the broker ends the consumer.
+    async fn consume<'a>(
         &self,
         connection: &Connection,
         queue: &Arc<QueueRuntime>,
-    ) -> Result<Consumer, WorkerError> {
+        consumers: &Mutex<Vec<(Channel, String)>>,
+    ) -> Result<Deliveries<'a>, WorkerError> {
         let timeout = self.config.broker.operation_timeout;
         let channel = deadline(timeout, "opening a channel", connection.create_channel()).await?;
         let qos = channel.basic_qos(
-            self.config.worker.concurrency,
+            self.config.worker.prefetch(),
             BasicQosOptions { global: false },
         );
         deadline(timeout, "setting prefetch", qos).await?;
@@ -391,21 +453,43 @@ impl Process {
         let of = ConsumerOf {
             queue: queue.clone(),
             settler,
+            ended: Arc::default(),
         };
-        let stream = consumer.map(move |delivery| (of.clone(), delivery)).boxed();
-        Ok(Consumer {
-            channel,
-            tag,
-            stream,
-        })
+        lock(consumers).push((channel, tag));
+        // lapin ends the stream after a `basic.cancel` from the broker, and after the error of
+        // a closed channel: either way an `Ended` comes last.
+        let last = of.clone();
+        let stream = consumer
+            .map(move |next| match next {
+                Ok(delivery) => Event::Delivery(of.clone(), delivery),
+                Err(err) => Event::Ended(of.clone(), Some(err)),
+            })
+            .chain(futures::stream::once(
+                async move { Event::Ended(last, None) },
+            ))
+            .boxed();
+        Ok(stream)
     }
 }
 
-/// One queue's consumer within a session.
-struct Consumer {
-    channel: Channel,
-    tag: String,
-    stream: BoxStream<'static, (ConsumerOf, lapin::Result<Delivery>)>,
+/// What a consumer's stream yields.
+// Deliveries are nearly every event: boxing them would allocate once more per job.
+#[allow(clippy::large_enum_variant)]
+enum Event {
+    Delivery(ConsumerOf, Delivery),
+    /// The broker ended the consumer (`basic.cancel`), or closed its channel (the error).
+    Ended(ConsumerOf, Option<lapin::Error>),
+    /// Subscribing again failed because the connection is gone: the session ends.
+    Lost(WorkerError),
+}
+
+/// The events of one queue's consumer.
+type Deliveries<'a> = BoxStream<'a, Event>;
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Where a delivery came from: its queue, and its channel's settler.
@@ -413,6 +497,8 @@ struct Consumer {
 struct ConsumerOf {
     queue: Arc<QueueRuntime>,
     settler: Settler,
+    /// Set once the consumer's end was handled (a closed channel reports it twice).
+    ended: Arc<AtomicBool>,
 }
 
 /// Runs a broker call with a deadline (lapin can hang on a dying server).
