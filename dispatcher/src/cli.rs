@@ -184,6 +184,21 @@ pub async fn apply_topology(
     Ok(())
 }
 
+/// `text` with every control character (C0, DEL, C1) and bidirectional-text control written
+/// as a Rust escape (`\u{1b}`), so untrusted text prints as what it is.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if c.is_control() || bidi {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// `warren peek --queue Q`: shows up to `count` messages of a queue (usually `<queue>.dead`)
 /// without removing them: they are fetched unacknowledged and handed back when the channel
 /// closes.
@@ -198,10 +213,12 @@ pub async fn peek(dispatcher: &Dispatcher, queue: &str, count: usize) -> anyhow:
             .with_context(|| format!("reading queue `{queue}`"))?;
         let Some(message) = got else { break };
         let props = &message.delivery.properties;
+        // Everything shown comes from whoever published the message: escaped, so that no
+        // control character (a terminal escape sequence, a carriage return) reaches the terminal.
         let text = |v: &Option<lapin::types::ShortString>| {
-            v.as_ref().map(|s| s.to_string()).unwrap_or("-".into())
+            v.as_ref().map_or("-".into(), |s| printable(s.as_str()))
         };
-        let header = |key: &str| envelope::header_str(props, key).map(|s| s.into_owned());
+        let header = |key: &str| envelope::header_str(props, key).map(|s| printable(&s));
         let attempts = envelope::header_int(props, envelope::ATTEMPTS)
             .or_else(|| envelope::header_int(props, envelope::ATTEMPT));
         println!(
@@ -211,7 +228,7 @@ pub async fn peek(dispatcher: &Dispatcher, queue: &str, count: usize) -> anyhow:
             attempts = attempts.map(|n| n.to_string()).unwrap_or("-".into()),
             class = header(envelope::ERROR_CLASS).unwrap_or("-".into()),
             error = header(envelope::ERROR).unwrap_or("-".into()),
-            body = String::from_utf8_lossy(&message.delivery.data),
+            body = printable(&String::from_utf8_lossy(&message.delivery.data)),
         );
         shown += 1;
     }
@@ -220,4 +237,19 @@ pub async fn peek(dispatcher: &Dispatcher, queue: &str, count: usize) -> anyhow:
     }
     let _ = channel.close(200, "peek done".into()).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn untrusted_text_prints_without_control_characters() {
+        let hostile = "job\u{1b}[2J\u{1b}]0;owned\u{7}\r\nline\u{9b}31m\u{202e}txt.exe";
+        let shown = printable(hostile);
+        assert!(!shown.chars().any(|c| c.is_control()), "{shown}");
+        assert!(shown.contains("\\u{1b}[2J"));
+        assert!(shown.contains("\\u{202e}"));
+        assert_eq!(printable("plain {\"é\": 1}"), "plain {\"é\": 1}");
+    }
 }

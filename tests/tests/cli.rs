@@ -427,6 +427,79 @@ struct Warren {
     stdin: Option<Vec<u8>>,
 }
 
+/// Given a message from a hostile producer whose id, error header and body hold terminal escape
+/// sequences, when `warren peek` shows it, then nothing it prints holds a control character:
+/// each is shown escaped (`\u{1b}`), and the message stays in the queue.
+#[tokio::test]
+async fn peek_escapes_control_characters_from_the_message() {
+    use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    let queue = unique_queue("cli-peek-esc");
+    let channel = connect().await.create_channel().await.expect("channel");
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare");
+    let mut headers = FieldTable::default();
+    headers.insert(
+        warren_core::envelope::ERROR.into(),
+        AMQPValue::LongString("boom\u{1b}]0;pwned\u{7}".into()),
+    );
+    let properties = lapin::BasicProperties::default()
+        .with_message_id("id\u{1b}[31m".into())
+        .with_type("k\r".into())
+        .with_headers(headers);
+    channel
+        .basic_publish(
+            "".into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            b"\x1b[2J\x1b[1;1Hall clear\x9b",
+            properties,
+        )
+        .await
+        .expect("publish");
+    assert_eq!(ready_count_eventually(&channel, &queue, 1).await, 1);
+
+    let run = Warren::new(&["peek", "--queue", &queue]).run_async().await;
+
+    run.assert_success();
+    assert!(
+        !run.stdout.chars().any(|c| c.is_control() && c != '\n'),
+        "stdout: {:?}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("id\\u{1b}[31m"), "{:?}", run.stdout);
+    assert!(run.stdout.contains("\\u{1b}[2J"), "{:?}", run.stdout);
+    assert!(
+        run.stdout.contains("boom\\u{1b}]0;pwned\\u{7}"),
+        "{:?}",
+        run.stdout
+    );
+    assert_eq!(
+        ready_count_eventually(&channel, &queue, 1).await,
+        1,
+        "peek leaves it there"
+    );
+    cleanup(&channel, &[&queue]).await;
+}
+
+/// The ready count of `queue` once it is `want`, or what it is after 10 s.
+async fn ready_count_eventually(channel: &lapin::Channel, queue: &str, want: u32) -> u32 {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let count = ready_count(channel, queue).await;
+        if count == want || Instant::now() > until {
+            return count;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// What a run printed and how it ended.
 #[derive(Debug)]
 struct Run {
