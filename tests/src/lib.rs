@@ -480,6 +480,7 @@ pub fn connections_named<'a>(listing: &'a str, name_contains: &str) -> Vec<&'a s
 }
 
 pub mod fault;
+pub mod raw_amqp;
 
 /// One test's stage: a unique queue, a dispatcher that declared it, an in-process worker
 /// running `registry` on it, and a channel for looking into the broker.
