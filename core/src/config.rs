@@ -539,6 +539,17 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_broker_config_refuses_what_warren_would_refuse() {
+        let config = Config::from_toml(include_str!("../../config/warren.toml")).expect("parses");
+        let broker = include_str!("../../config/rabbitmq.conf");
+        let limit = broker
+            .lines()
+            .find_map(|line| line.strip_prefix("max_message_size = "))
+            .and_then(|value| value.trim().parse::<usize>().ok());
+        assert_eq!(limit, Some(config.jobs.max_payload_bytes));
+    }
+
+    #[test]
     fn queue_sections_and_durations_parse() {
         let config = Config::from_toml(
             r#"
