@@ -45,8 +45,15 @@ async fn publish_raw(channel: &Channel, queue: &str, kind: &str, headers: FieldT
     id
 }
 
+/// A producer's confirm channel, on a connection with RabbitMQ's default frame size whatever
+/// Warren's own default is.
 async fn confirm_channel() -> Channel {
-    let channel = connect().await.create_channel().await.expect("channel");
+    let mut broker = warren_core::Config::default().broker;
+    broker.url = format!("{}?frame_max=131072", broker_url());
+    let connection = warren_core::connection::connect(&broker, "hostile-producer")
+        .await
+        .expect("the producer connects");
+    let channel = connection.create_channel().await.expect("channel");
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
