@@ -23,7 +23,10 @@ async fn dispatcher_reconnects_after_its_connection_is_closed() {
         .expect("first submit");
 
     let name = format!("warren-dispatcher pid={}", std::process::id());
-    let closed = tokio::task::spawn_blocking(move || close_connections(&name))
+    let before = dispatcher_connections(&name).await;
+    assert_eq!(before.len(), 1, "one dispatcher connection: {before:?}");
+    let closing = name.clone();
+    let closed = tokio::task::spawn_blocking(move || close_connections(&closing))
         .await
         .expect("closing");
     assert!(
@@ -52,6 +55,18 @@ async fn dispatcher_reconnects_after_its_connection_is_closed() {
         }
     }
     println!("submits failed while reconnecting: {failures}");
+    // The closed connection may be listed for a moment longer.
+    let listed_until = std::time::Instant::now() + Duration::from_secs(10);
+    let mut after = dispatcher_connections(&name).await;
+    while after.len() != 1 && std::time::Instant::now() < listed_until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        after = dispatcher_connections(&name).await;
+    }
+    assert_eq!(after.len(), 1, "one dispatcher connection again: {after:?}");
+    assert!(
+        !before.contains(&after[0]),
+        "the confirmed submit went through a new connection ({after:?}, closed: {before:?})"
+    );
     let channel = connect().await.create_channel().await.expect("channel");
     // A failed submit may still have reached the broker (at-least-once), never the reverse.
     let queued = ready_count(&channel, &queue).await;
@@ -60,4 +75,18 @@ async fn dispatcher_reconnects_after_its_connection_is_closed() {
         "{queued} queued after {failures} failures"
     );
     cleanup(&channel, &[&queue]).await;
+}
+
+/// The broker's pids of the connections whose name contains `name`.
+async fn dispatcher_connections(name: &str) -> Vec<String> {
+    let name = name.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let listing = broker_ctl(&["-q", "list_connections", "pid", "client_properties"]);
+        connections_named(&listing, &name)
+            .into_iter()
+            .map(str::to_owned)
+            .collect()
+    })
+    .await
+    .expect("listing connections")
 }

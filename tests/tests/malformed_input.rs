@@ -67,6 +67,19 @@ async fn malformed_messages_are_dead_lettered_and_the_worker_survives() {
             "JSON",
         ),
     ];
+    // Each case is told apart in the dead-letter queue by its correlation_id (a property copies
+    // keep), not by its position: the worker handles them concurrently.
+    let bad: Vec<(BasicProperties, &[u8], &str)> = bad
+        .into_iter()
+        .enumerate()
+        .map(|(n, (p, body, reason))| {
+            (
+                p.with_correlation_id(format!("case-{n}").into()),
+                body,
+                reason,
+            )
+        })
+        .collect();
     for (properties, body, _) in &bad {
         let options = BasicPublishOptions {
             mandatory: true,
@@ -93,7 +106,21 @@ async fn malformed_messages_are_dead_lettered_and_the_worker_survives() {
         Duration::from_secs(30),
     )
     .await;
-    for ((_, body, reason), message) in bad.iter().zip(&dead) {
+    let case_of = |message: &lapin::message::Delivery| {
+        let case = message.properties.correlation_id().clone();
+        bad.iter()
+            .find(|(p, _, _)| *p.correlation_id() == case)
+            .unwrap_or_else(|| panic!("a dead letter of no case: {case:?}"))
+    };
+    let mut cases: Vec<_> = dead
+        .iter()
+        .map(|m| case_of(m).0.correlation_id().clone())
+        .collect();
+    cases.sort();
+    cases.dedup();
+    assert_eq!(cases.len(), bad.len(), "one dead letter per case");
+    for message in &dead {
+        let (_, body, reason) = case_of(message);
         assert_eq!(
             header(message, envelope::ERROR_CLASS).as_deref(),
             Some("malformed")

@@ -93,12 +93,20 @@ mod tests {
     }
 
     #[test]
-    fn jitter_stays_within_its_factor() {
+    fn jitter_spreads_delays_within_its_factor() {
         let retry = policy(0.5);
-        for _ in 0..200 {
-            let d = delay_after(&retry, 2).as_secs_f64();
-            assert!((1.0..=3.0).contains(&d), "{d}");
+        let delays: Vec<f64> = (0..200)
+            .map(|_| delay_after(&retry, 2).as_secs_f64())
+            .collect();
+        for d in &delays {
+            assert!((1.0..=3.0).contains(d), "{d}");
         }
+        // 200 draws from 1..3 s: ignoring the jitter (all 2 s) or shrinking it must fail. The
+        // chance that uniform draws all miss a quarter of the range at either end is ~1e-25.
+        let lowest = delays.iter().copied().fold(f64::MAX, f64::min);
+        let highest = delays.iter().copied().fold(f64::MIN, f64::max);
+        assert!(lowest < 1.5 && highest > 2.5, "{lowest}..{highest}");
+        assert_eq!(delay_after(&policy(0.0), 2), Duration::from_secs(2));
     }
 
     #[test]
