@@ -37,8 +37,10 @@ DEAD_EXCHANGE = "warren.dead"
 DELAY_LEVELS = 22
 DELAY_EXCHANGE = f"warren.delay.{DELAY_LEVELS - 1:02d}"  # warren.delay.21
 MAX_DELAY_SECONDS = 2**DELAY_LEVELS - 1
-BROKER_OWNED_HEADERS = ("x-death", "x-delivery-count")
-BROKER_OWNED_PREFIXES = ("x-first-death-", "x-last-death-")
+# The only headers a copy carries over (PROTOCOL.md §5), each if a number or a short string.
+CARRIED_HEADERS = ("x-warren-first-enqueued-at", "traceparent", "tracestate", "baggage")
+MAX_CARRIED_VALUE_BYTES = 1024
+MAX_ERROR_BYTES = 2048
 
 
 class Malformed(Exception):
@@ -164,12 +166,27 @@ def copy_properties(props, headers: dict, own_user: str) -> pika.BasicProperties
 
 
 def carried_headers(props: pika.BasicProperties) -> dict:
-    """The delivered headers minus the broker's per-hop bookkeeping (x-death, ...)."""
-    return {
-        key: value
-        for key, value in (props.headers or {}).items()
-        if key not in BROKER_OWNED_HEADERS and not key.startswith(BROKER_OWNED_PREFIXES)
-    }
+    """The allow-listed headers of the delivery, never CC/BCC, x-death or forged x-warren-*."""
+    carried = {}
+    for key in CARRIED_HEADERS:
+        value = (props.headers or {}).get(key)
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, int) or (isinstance(value, str) and len(value.encode()) <= MAX_CARRIED_VALUE_BYTES):
+            carried[key] = value
+    return carried
+
+
+def capped(text: str, limit: int = MAX_ERROR_BYTES) -> str:
+    """`text` cut to at most `limit` UTF-8 bytes, saying how much was left out."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    note_room = len(f"… ({len(data)} more bytes)".encode())
+    kept = data[: max(0, limit - note_room)].decode("utf-8", "ignore")
+    return f"{kept}… ({len(data) - len(kept.encode())} more bytes)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +289,7 @@ class Worker:
         headers = carried_headers(props)
         headers.update(
             {
-                "x-warren-error": error,
+                "x-warren-error": capped(error),
                 "x-warren-error-class": error_class,
                 "x-warren-attempts": attempts,
                 "x-warren-failed-at": rfc3339_now(),
