@@ -7,7 +7,7 @@ describes: per-consumer prefetch, decode, run the handler, then settle:
   route (warren.delay.21), wait for the confirm, ack;
 - permanent failure, attempts exhausted, malformed message, unknown kind: publish a copy with
   the x-warren-error* headers to warren.dead / <queue>.dead, wait for the confirm, ack;
-- the copy could not be published: nack with requeue (the broker redelivers it).
+- the copy could not be published: reject with requeue (the broker redelivers it).
 
 Kinds: `echo` (done, result = payload) and `fail` ({"times": N}: a retryable failure while the
 attempt is at most N, then done; {"permanent": true}: a permanent failure), like warren-worker.
@@ -307,13 +307,13 @@ class Worker:
             self.publisher.basic_publish(exchange, key, body, properties, mandatory=True)
         except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as err:
             log(f"  could not queue the copy on {exchange} [{key}]: {err!r}; requeueing")
-            self.consumer.basic_nack(tag, requeue=True)
+            self.consumer.basic_reject(tag, requeue=True)
             return False
         except pika.exceptions.ChannelClosed as err:
             # The publishing channel is gone (e.g. 404: exchange missing). Hand the delivery
             # back and open a fresh confirm channel for the next job.
             log(f"  publishing channel closed ({err!r}); requeueing and reopening it")
-            self.consumer.basic_nack(tag, requeue=True)
+            self.consumer.basic_reject(tag, requeue=True)
             self.publisher = self.publishing.channel()
             self.publisher.confirm_delivery()
             return False

@@ -8,7 +8,7 @@
 //! - for a run of finished deliveries with consecutive tags starting at the lowest unsettled
 //!   one: a single ack of the run's last tag with `multiple = true` (AMQP delivery tags of a
 //!   channel count 1, 2, 3, ... and a multiple ack settles every tag up to it);
-//! - for a delivery to hand back (its retry could not be queued): a single `nack` with requeue;
+//! - for a delivery to hand back (its retry could not be queued): a single `reject` with requeue;
 //! - for deliveries finished behind one that is still running (a slow job blocks the run):
 //!   single acks after [`GAP_LINGER`], so a slow job never holds its neighbours' prefetch
 //!   slots.
@@ -31,7 +31,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use lapin::Acker;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::{BasicAckOptions, BasicRejectOptions};
 use lapin::types::ShortString;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -84,8 +84,8 @@ pub(crate) trait Acknowledge: Send + Sync + 'static {
     /// `basic.ack` of this delivery, or with `multiple` of every unsettled one up to it.
     /// `Ok(false)`: not sent, the channel is gone.
     fn ack(&self, multiple: bool) -> impl Future<Output = lapin::Result<bool>> + Send;
-    /// `basic.nack` of this delivery alone.
-    fn nack(&self, requeue: bool) -> impl Future<Output = lapin::Result<bool>> + Send;
+    /// Hands this delivery alone back to its queue (`basic.reject` with requeue).
+    fn requeue(&self) -> impl Future<Output = lapin::Result<bool>> + Send;
 }
 
 impl Acknowledge for Acker {
@@ -93,12 +93,11 @@ impl Acknowledge for Acker {
         Acker::ack(self, BasicAckOptions { multiple })
     }
 
-    fn nack(&self, requeue: bool) -> impl Future<Output = lapin::Result<bool>> + Send {
-        let options = BasicNackOptions {
-            requeue,
-            multiple: false,
-        };
-        Acker::nack(self, options)
+    /// A reject, not a nack: RabbitMQ 4.x counts a rejected delivery towards a quorum queue's
+    /// delivery limit but not a nacked one, so a job whose retry keeps failing to publish ends
+    /// in its dead-letter queue instead of looping forever (3.10 counts both).
+    fn requeue(&self) -> impl Future<Output = lapin::Result<bool>> + Send {
+        Acker::reject(self, BasicRejectOptions { requeue: true })
     }
 }
 
@@ -330,7 +329,7 @@ impl<A: Acknowledge> Window<A> {
     }
 
     async fn requeue(&self, finished: Finished<A>) {
-        let nack = tokio::time::timeout(self.timeout, finished.acker.nack(true));
+        let nack = tokio::time::timeout(self.timeout, finished.acker.requeue());
         let sent = matches!(nack.await, Ok(Ok(true)));
         if !sent {
             tracing::warn!(
@@ -535,10 +534,10 @@ mod tests {
             })
         }
 
-        fn nack(&self, requeue: bool) -> impl Future<Output = lapin::Result<bool>> + Send {
+        fn requeue(&self) -> impl Future<Output = lapin::Result<bool>> + Send {
             self.answer(Call::Nack {
                 tag: self.tag,
-                requeue,
+                requeue: true,
             })
         }
     }
