@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
+use warren_dispatcher::Dispatcher;
 use warren_tests::raw_amqp::{self, RawMessage};
 use warren_tests::*;
 use warren_workers::{Registry, Worker};
@@ -28,12 +29,11 @@ fn with_frame_max(url: &str, frame_max: u32) -> String {
 }
 
 /// A worker on `queue` (connections with [`FRAME_MAX`] frames) running `registry`, reporting
-/// each settlement.
-async fn start(queue: &str, registry: Registry) -> (RunningWorker, Settlements) {
+/// each settlement, and the dispatcher that declared the queue.
+async fn start(queue: &str, registry: Registry) -> (RunningWorker, Settlements, Dispatcher) {
     let mut config = config(&[queue]);
     config.broker.url = with_frame_max(&config.broker.url, FRAME_MAX);
-    // Declares the queue and its dead-letter queue, as a deployment would.
-    dispatcher(&config).await;
+    let dispatcher = dispatcher(&config).await;
     let settled: Settlements = Arc::default();
     let seen = settled.clone();
     let worker = Worker::new(config, registry)
@@ -44,7 +44,7 @@ async fn start(queue: &str, registry: Registry) -> (RunningWorker, Settlements) 
         });
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(worker.run(shutdown.clone()));
-    (RunningWorker { shutdown, task }, settled)
+    (RunningWorker { shutdown, task }, settled, dispatcher)
 }
 
 async fn wait_settled(settled: &Settlements, n: usize) {
@@ -70,7 +70,7 @@ async fn a_header_nested_20000_deep_reaches_one_outcome_and_the_worker_survives(
     let recorder = Recorder::new();
     let mut registry = Registry::new();
     recorder.handle(&mut registry, "echo", |call| Ok(Some(call.payload.clone())));
-    let (worker, settled) = start(&queue, registry).await;
+    let (worker, settled, dispatcher) = start(&queue, registry).await;
 
     let headers = raw_amqp::deep_headers(20_000);
     let message = RawMessage::job(&queue, "deep-1", "echo", &headers, br#"{"n":1}"#);
@@ -98,7 +98,6 @@ async fn a_header_nested_20000_deep_reaches_one_outcome_and_the_worker_survives(
     }
     assert!(worker.is_running(), "the worker survived");
 
-    let dispatcher = dispatcher(&config(&[&queue])).await;
     let after = warren_core::NewJob::new(&queue, "echo", &json!({"n": 2}));
     let after = dispatcher.submit(after).await.expect("submitted");
     wait_settled(&settled, 2).await;
