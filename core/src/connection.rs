@@ -14,7 +14,7 @@ use std::time::Duration;
 use async_rs::Runtime;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use backoff::ExponentialBackoff;
+use backon::{ExponentialBuilder, Retryable};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::uri::AMQPUri;
 use lapin::{Connection, ConnectionProperties};
@@ -89,18 +89,18 @@ impl Connector {
     /// until `broker.connect_timeout` has passed.
     pub async fn connect(&self, name: &str) -> Result<Connection, ConnectError> {
         let started = std::time::Instant::now();
-        let policy = ExponentialBackoff {
-            initial_interval: Duration::from_millis(100),
-            max_interval: Duration::from_secs(2),
-            max_elapsed_time: Some(self.broker.connect_timeout),
-            ..ExponentialBackoff::default()
-        };
+        let policy = ExponentialBuilder::new()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(2))
+            .with_jitter()
+            .without_max_times()
+            .with_total_delay(Some(self.broker.connect_timeout));
         let count = self.uris.len().max(1);
         let per_attempt = (self.broker.connect_timeout / count as u32)
             .clamp(Duration::from_secs(1), Duration::from_secs(10));
         let mut attempts = 0;
         let mut last_url = String::new();
-        let result = backoff::future::retry(policy, || {
+        let attempt = || {
             attempts += 1;
             let index = self.next.fetch_add(1, Ordering::Relaxed) % count;
             let uri = self.uris[index].clone();
@@ -117,16 +117,20 @@ impl Connector {
                         self.next.store(index + 1, Ordering::Relaxed);
                         Ok(connection)
                     }
-                    Ok(Err(err)) if is_access_refused(&err) => Err(backoff::Error::permanent(err)),
                     Ok(Err(err)) => {
-                        tracing::debug!(%url, error = %err, "connecting to RabbitMQ failed, will retry");
-                        Err(backoff::Error::transient(err))
+                        tracing::debug!(%url, error = %err, "connecting to RabbitMQ failed");
+                        Err(err)
                     }
-                    Err(_) => Err(backoff::Error::transient(timed_out())),
+                    Err(_) => Err(timed_out()),
                 }
             }
-        })
-        .await;
+        };
+        // Refused credentials will not change by trying again.
+        let result = attempt
+            .retry(policy)
+            .sleep(tokio::time::sleep)
+            .when(|err| !is_access_refused(err))
+            .await;
         result.map_err(|source| {
             let url = match self.uris.len() {
                 1 => last_url.clone(),

@@ -1,15 +1,14 @@
 //! The retry schedule: how long a job waits before its next attempt.
 //!
-//! Delays follow the `backoff` crate's exponential policy with jitter, set per queue
-//! (`[queues.NAME.retry]`): the wait after attempt `n` is
-//! `initial_delay · multiplier^(n-1)`, capped at `max_delay`, then randomised by ±`jitter`.
+//! Delays grow exponentially with jitter, set per queue (`[queues.NAME.retry]`): the wait
+//! after attempt `n` is `initial_delay · multiplier^(n-1)`, capped at `max_delay`, then drawn
+//! uniformly within ±`jitter` of that (so jobs that failed together do not all return at once).
 //! The wait itself happens in the broker's delay queues (`warren_core::delay`), never in a
 //! worker, so a waiting job holds no worker slot and survives worker restarts.
 
 use std::time::Duration;
 
-use backoff::ExponentialBackoff;
-use backoff::backoff::Backoff;
+use rand::Rng;
 use warren_core::config::RetryConfig;
 
 /// What to do after attempt `attempt` failed with a retryable error.
@@ -37,17 +36,12 @@ pub fn delay_after(retry: &RetryConfig, attempt: u32) -> Duration {
     let exponent = i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX);
     let base = retry.initial_delay.as_secs_f64() * retry.multiplier.powi(exponent);
     let capped = base.min(retry.max_delay.as_secs_f64());
-    let mut policy = ExponentialBackoff {
-        current_interval: Duration::from_secs_f64(capped),
-        initial_interval: retry.initial_delay,
-        randomization_factor: retry.jitter,
-        multiplier: retry.multiplier,
-        max_interval: retry.max_delay,
-        max_elapsed_time: None,
-        ..ExponentialBackoff::default()
+    let spread = capped * retry.jitter.clamp(0.0, 1.0);
+    let seconds = match spread > 0.0 {
+        true => rand::thread_rng().gen_range(capped - spread..=capped + spread),
+        false => capped,
     };
-    // With no max_elapsed_time the policy never stops, so `None` cannot happen.
-    policy.next_backoff().unwrap_or(retry.max_delay)
+    Duration::try_from_secs_f64(seconds).unwrap_or(retry.max_delay)
 }
 
 #[cfg(test)]

@@ -17,7 +17,8 @@
 //! A consumer the broker ends — its channel closed (consumer timeout on 3.x), or a
 //! `basic.cancel` (its queue deleted, or a consumer timeout on 4.x) — is subscribed again within
 //! the session, on a new channel, with backoff while its queue is missing: it is logged and
-//! counted, and the other queues go on meanwhile. A queue is never left silently unconsumed. A lost connection ends the session: the loop reconnects with exponential backoff
+//! counted, and the other queues go on meanwhile. A queue is never left silently unconsumed.
+//! A lost connection ends the session: the loop reconnects with exponential backoff
 //! (trying every configured address) and starts a new one. Jobs still running from the old
 //! session finish, but their acks cannot reach the broker any more (lapin returns `Ok(false)`,
 //! counted in the stats): the broker has already requeued them, so they run again
@@ -32,8 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use backoff::ExponentialBackoff;
-use backoff::backoff::Backoff;
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use futures::StreamExt;
 use futures::stream::{BoxStream, SelectAll};
 use lapin::message::Delivery;
@@ -180,18 +180,13 @@ impl Worker {
             config: self.config,
             registry: self.registry,
         };
-        let mut reconnect = ExponentialBackoff {
-            initial_interval: Duration::from_millis(200),
-            max_interval: Duration::from_secs(10),
-            max_elapsed_time: None,
-            ..ExponentialBackoff::default()
-        };
+        let mut reconnect = reconnect_backoff();
         let result = loop {
             match process.session(&shutdown, &mut reconnect).await {
                 Ok(()) => break Ok(()),
                 Err(err) if err.is_fatal() => break Err(err),
                 Err(err) => {
-                    let wait = reconnect.next_backoff().unwrap_or(reconnect.max_interval);
+                    let wait = reconnect.next().unwrap_or(MAX_RECONNECT_DELAY);
                     tracing::warn!(
                         error = %warren_core::error_chain(&err),
                         "lost the broker; reconnecting in {}",
@@ -265,7 +260,7 @@ impl Process {
         for queue in &self.queues {
             deliveries.push(self.consume(&consuming, queue, &consumers).await?);
         }
-        reconnect.reset();
+        *reconnect = reconnect_backoff();
         tracing::info!(
             worker = %self.worker_id,
             queues = ?self.queues.iter().map(|q| &*q.name).collect::<Vec<_>>(),
@@ -383,12 +378,7 @@ impl Process {
         consumers: &'a Mutex<Vec<(Channel, String)>>,
     ) -> Deliveries<'a> {
         let subscribed = async move {
-            let mut backoff = ExponentialBackoff {
-                initial_interval: Duration::from_millis(200),
-                max_interval: Duration::from_secs(10),
-                max_elapsed_time: None,
-                ..ExponentialBackoff::default()
-            };
+            let mut backoff = reconnect_backoff();
             loop {
                 match self.consume(connection, &queue, consumers).await {
                     Ok(stream) => {
@@ -399,7 +389,7 @@ impl Process {
                         return futures::stream::once(async move { Event::Lost(err) }).boxed();
                     }
                     Err(err) => {
-                        let wait = backoff.next_backoff().unwrap_or(backoff.max_interval);
+                        let wait = backoff.next().unwrap_or(MAX_RECONNECT_DELAY);
                         tracing::warn!(
                             queue = %queue.name,
                             error = %warren_core::error_chain(&err),
@@ -499,6 +489,20 @@ struct ConsumerOf {
     settler: Settler,
     /// Set once the consumer's end was handled (a closed channel reports it twice).
     ended: Arc<AtomicBool>,
+}
+
+/// The longest wait between two attempts to reach the broker or a queue.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(10);
+
+/// Waits between attempts to reconnect, or to consume a queue that is gone: 200 ms doubling up
+/// to [`MAX_RECONNECT_DELAY`], with jitter, for ever.
+fn reconnect_backoff() -> ExponentialBackoff {
+    ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(MAX_RECONNECT_DELAY)
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 /// Runs a broker call with a deadline (lapin can hang on a dying server).
