@@ -108,7 +108,8 @@ impl Connector {
             let url = last_url.clone();
             let properties = ConnectionProperties::default().with_connection_name(name.into());
             async move {
-                let attempt = Connection::connect_uri_with_runtime(uri, properties, Runtime::tokio_current());
+                let attempt =
+                    Connection::connect_uri_with_runtime(uri, properties, Runtime::tokio_current());
                 match tokio::time::timeout(per_attempt, attempt).await {
                     Ok(Ok(connection)) => {
                         // Next time (after a loss) start with this same address again only
