@@ -1,8 +1,9 @@
-//! Worker processes and what the benchmark checks on them: the count file their handlers
-//! write, their peak RSS, the queues they leave behind.
+//! The benchmark's worker processes (`bench-worker`, run through the worker-process harness
+//! shared with the tests and the fault suite, [`warren_tests::procs`]) and what the benchmark
+//! checks on them: the count file their handlers write, their peak RSS, the queues they leave
+//! behind.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail, ensure};
@@ -11,6 +12,7 @@ use lapin::options::{QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use warren_core::Config;
 use warren_core::config::QueueType;
+use warren_tests::procs::{Pool, WorkerSpec};
 
 use crate::Bench;
 
@@ -47,11 +49,11 @@ pub fn config_for(bench: &Bench, queue_type: QueueType) -> Config {
     config
 }
 
-/// Worker processes consuming the same queues, counting into one file.
+/// `bench-worker` processes consuming the same queues, counting into one file; started and
+/// stopped through the shared worker-process harness ([`warren_tests::procs`]).
 pub struct Workers {
-    children: Vec<Child>,
+    pool: Pool,
     pub count_file: PathBuf,
-    log_file: PathBuf,
     pub spawned_at: f64,
 }
 
@@ -67,34 +69,22 @@ impl Workers {
     ) -> anyhow::Result<Workers> {
         let stem = format!("{}-{}", queues[0], processes);
         let count_file = bench.work_dir.join(format!("{stem}.count"));
-        let log_file = bench.work_dir.join(format!("{stem}.log"));
         let config = config_file(bench, queue_type)?;
         let worker = binary("bench-worker")?;
         let spawned_at = now();
-        let mut children = Vec::new();
-        for _ in 0..processes {
-            let log_out = File::options().create(true).append(true).open(&log_file)?;
-            let mut command = Command::new(&worker);
-            command
-                .arg("--config")
-                .arg(&config)
-                .arg("--concurrency")
-                .arg(concurrency.to_string())
-                .env("WARREN_BENCH_COUNT_FILE", &count_file)
-                .env("RUST_LOG", log)
-                .env_remove("WARREN_AMQP_URL")
-                .stdin(Stdio::null())
-                .stdout(log_out.try_clone()?)
-                .stderr(log_out);
-            for queue in queues {
-                command.arg("--queue").arg(queue);
-            }
-            children.push(command.spawn().context("starting bench-worker")?);
-        }
+        let specs = (0..processes)
+            .map(|i| {
+                WorkerSpec::new(&worker, &format!("{stem}-w{i}"), queues, &bench.work_dir)
+                    .config(&config)
+                    .concurrency(concurrency)
+                    .env("WARREN_BENCH_COUNT_FILE", &count_file)
+                    .env("RUST_LOG", log)
+            })
+            .collect();
+        let pool = Pool::spawn(specs).context("starting bench-worker")?;
         Ok(Workers {
-            children,
+            pool,
             count_file,
-            log_file,
             spawned_at,
         })
     }
@@ -108,15 +98,16 @@ impl Workers {
             if counted >= jobs {
                 break;
             }
-            for child in &mut self.children {
-                if let Some(status) = child.try_wait()? {
-                    bail!("a worker exited ({status}); log:\n{}", self.log_tail());
-                }
+            if let Some((label, status)) = self.pool.any_exited() {
+                bail!(
+                    "worker {label} exited ({status}); logs:\n{}",
+                    self.pool.all_logs()
+                );
             }
             if Instant::now() > deadline {
                 bail!(
-                    "only {counted} of {jobs} jobs handled in time; log:\n{}",
-                    self.log_tail()
+                    "only {counted} of {jobs} jobs handled in time; logs:\n{}",
+                    self.pool.all_logs()
                 );
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -126,45 +117,21 @@ impl Workers {
 
     /// Peak RSS (VmHWM) of each process so far, in bytes.
     pub fn peak_rss(&self) -> Vec<u64> {
-        self.children.iter().map(|c| peak_rss(c.id())).collect()
+        self.pool.peak_rss()
     }
 
     /// Stops the processes gracefully (SIGTERM: they finish and ack what they run).
-    pub fn stop(mut self) -> anyhow::Result<()> {
-        for child in &self.children {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-        }
-        for child in &mut self.children {
-            let status = child.wait()?;
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        for (label, status) in self.pool.stop(Duration::from_secs(60)).await {
             ensure!(
-                status.success(),
-                "worker exited with {status}; log:\n{}",
-                self.log_tail()
+                status.is_some_and(|s| s.success()),
+                "worker {label} exited with {status:?}; logs:\n{}",
+                self.pool.all_logs()
             );
         }
-        self.children.clear();
         Ok(())
     }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log_file).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
 }
-
-impl Drop for Workers {
-    fn drop(&mut self) {
-        for child in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-use std::fs::File;
 
 /// Reads the count file: every id in `0..jobs` exactly once. Returns the first and last times.
 pub fn verify_count_file(path: &Path, jobs: usize) -> anyhow::Result<(f64, f64)> {
@@ -191,16 +158,6 @@ pub fn verify_count_file(path: &Path, jobs: usize) -> anyhow::Result<(f64, f64)>
         "count mismatch: {records} handler runs for {jobs} jobs, {missing} missing, {twice} run twice"
     );
     Ok((first, last))
-}
-
-/// VmHWM of a process, in bytes (0 if it is gone).
-pub fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
 }
 
 /// Now, as unix seconds (the count files' clock).

@@ -151,7 +151,7 @@ async fn drain(
     let (first, last) = workers.wait_counted(bench.jobs).await?;
     let rss = workers.peak_rss();
     let spawned_at = workers.spawned_at;
-    workers.stop()?;
+    workers.stop().await?;
     let channel = dispatcher.open_channel().await?;
     settle_and_delete(&channel, queues).await?;
     let pool = pool(processes, queues.len(), concurrency, log);
@@ -189,7 +189,7 @@ async fn end_to_end(
     submit_all(&dispatcher, &queues, bench.jobs).await?;
     let (_, last) = workers.wait_counted(bench.jobs).await?;
     let rss = workers.peak_rss();
-    workers.stop()?;
+    workers.stop().await?;
     settle_and_delete(&channel, &queues).await?;
     bench.emit(
         Record::new("warren", "e2e", queue_type, pool)

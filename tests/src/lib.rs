@@ -7,9 +7,8 @@
 //! parallel and never see each other's jobs. The shared exchanges and delay levels are
 //! declared idempotently by everyone. Each test deletes its queues at the end ([`cleanup`]).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -299,109 +298,80 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// A `warren-worker` process whose log goes to a file the test can read.
-pub struct WorkerProcess {
-    pub child: Child,
-    pub log: PathBuf,
+/// A worker process on the test broker: `fault-worker`, the `warren-worker` command line with
+/// recording handlers (`echo`, `sleep`, `flaky`, `fail`, ...; see `src/bin/fault-worker.rs`),
+/// started through the shared harness ([`procs`]) with its log and its sink ([`sink`]) in a
+/// directory of its own. What it did is read from the sink, never from its log.
+pub struct TestWorker {
+    pub process: procs::WorkerProc,
+    pub sink: sink::Sink,
+    dir: PathBuf,
 }
 
-/// Starts `warren-worker` on `queues` with the given extra environment.
-pub fn spawn_worker_process(
-    queues: &[&str],
-    concurrency: u16,
-    env: &HashMap<&str, String>,
-) -> WorkerProcess {
-    let log = std::env::temp_dir().join(format!(
-        "warren-worker-{}.log",
-        uuid::Uuid::now_v7().simple()
-    ));
-    let file = std::fs::File::create(&log).expect("creating the worker log");
-    let mut command = Command::new(binary("warren-worker"));
-    for queue in queues {
-        command.args(["--queue", queue]);
-    }
-    command
-        .args(["--concurrency", &concurrency.to_string()])
-        .env(warren_core::config::AMQP_URL_ENV, broker_url())
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .env_remove(warren_core::config::CONFIG_ENV)
-        .stdout(Stdio::from(file.try_clone().expect("log handle")))
-        .stderr(Stdio::from(file));
-    for (key, value) in env {
-        command.env(key, value);
-    }
-    let child = command.spawn().expect("starting warren-worker");
-    WorkerProcess { child, log }
-}
-
-impl WorkerProcess {
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+impl TestWorker {
+    /// Starts `bin` (`env!("CARGO_BIN_EXE_fault-worker")` in a test) on `queues` with the
+    /// built-in defaults and the test broker ([`broker_url`]).
+    pub fn spawn(bin: &str, queues: &[&str], concurrency: u16) -> TestWorker {
+        let dir = std::env::temp_dir().join(format!(
+            "warren-test-worker-{}",
+            uuid::Uuid::now_v7().simple()
+        ));
+        let sink = sink::Sink::new(&dir, "sink");
+        let spec = sink.env().into_iter().fold(
+            procs::WorkerSpec::new(bin, "worker", queues, &dir)
+                .concurrency(concurrency)
+                .env(warren_core::config::AMQP_URL_ENV, broker_url()),
+            |spec, (key, path)| spec.env(key, path),
+        );
+        let process = spec.spawn(0).expect("starting the worker process");
+        TestWorker { process, sink, dir }
     }
 
-    /// Job ids this worker logged as done.
+    /// Waits until it consumes; panics with its log after `deadline`.
+    pub async fn wait_started(&mut self, deadline: Duration) {
+        if let Err(err) = self.process.wait_started(deadline).await {
+            panic!("{err:#}");
+        }
+    }
+
+    /// Ids of the jobs it settled as done, its ack sent, in order (an id twice if done twice).
     pub fn done_ids(&self) -> Vec<String> {
-        done_ids(&self.log_text())
+        self.sink.done_ids()
     }
 
-    /// Waits until the log contains `needle`; panics after `deadline` with the log.
-    pub async fn wait_for_log(&self, needle: &str, deadline: Duration) {
+    /// Waits until job `id` is done (its ack sent); panics with the log after `deadline`.
+    pub async fn wait_done(&self, id: &str, deadline: Duration) {
         let until = Instant::now() + deadline;
-        while !self.log_text().contains(needle) {
+        while !self.done_ids().iter().any(|done| done == id) {
             if Instant::now() > until {
                 panic!(
-                    "worker log never showed {needle:?} within {deadline:?}:\n{}",
-                    self.log_text()
+                    "job {id} was not done within {deadline:?}; worker log:\n{}",
+                    self.process.log_tail()
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
-    /// Sends a signal (`libc` numbers: 9 KILL, 15 TERM).
+    /// Sends a signal (`KILL`, `TERM`, ...).
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([format!("-{signal}"), self.child.id().to_string()])
-            .status()
-            .expect("running kill");
-        assert!(status.success(), "kill -{signal} failed");
+        self.process.signal(signal).expect("signalling the worker");
     }
 
-    /// Waits for the process to exit; returns its exit status.
+    /// Waits for the process to exit; panics with its log after `deadline`.
     pub async fn wait_exit(&mut self, deadline: Duration) -> std::process::ExitStatus {
-        let until = Instant::now() + deadline;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("checking the worker process") {
-                return status;
-            }
-            if Instant::now() > until {
-                let _ = self.child.kill();
-                panic!(
-                    "worker did not exit within {deadline:?}:\n{}",
-                    self.log_text()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        match self.process.wait_exit(deadline).await {
+            Ok(status) => status,
+            Err(err) => panic!("{err:#}"),
         }
     }
-}
 
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    /// Stops it (if running) and deletes its files: for a test that passed (a failing one
+    /// keeps them, and its panic message shows the log).
+    pub fn remove(mut self) {
+        self.process.sigkill();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// Job ids in `log` lines that say a job is done.
-pub fn done_ids(log: &str) -> Vec<String> {
-    log.lines()
-        .filter(|line| line.contains("job done"))
-        .filter_map(|line| line.split("job=").nth(1))
-        .filter_map(|rest| rest.split_whitespace().next())
-        .map(str::to_owned)
-        .collect()
 }
 
 /// Runs `rabbitmqctl` against the local test broker (through `scripts/broker ctl`).
@@ -453,12 +423,23 @@ impl Drop for TempVhost {
 /// Closes (from the broker's side) every connection whose client-given name contains
 /// `name_contains`; returns how many were closed.
 pub fn close_connections(name_contains: &str) -> usize {
-    let listing = broker_ctl(&["-q", "list_connections", "pid", "client_properties"]);
-    let pids = connections_named(&listing, name_contains);
+    let pids = connection_pids(name_contains);
     for pid in &pids {
         broker_ctl(&["close_connection", pid, "closed by a Warren test"]);
     }
     pids.len()
+}
+
+/// The broker's pids of the connections whose client-given name contains `name_contains`,
+/// sorted: a process that reconnected has other pids than before.
+pub fn connection_pids(name_contains: &str) -> Vec<String> {
+    let listing = broker_ctl(&["-q", "list_connections", "pid", "client_properties"]);
+    let mut pids: Vec<String> = connections_named(&listing, name_contains)
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    pids.sort();
+    pids
 }
 
 /// The connection pids in a `rabbitmqctl list_connections pid client_properties` listing whose
@@ -480,7 +461,9 @@ pub fn connections_named<'a>(listing: &'a str, name_contains: &str) -> Vec<&'a s
 }
 
 pub mod fault;
+pub mod procs;
 pub mod raw_amqp;
+pub mod sink;
 
 /// One test's stage: a unique queue, a dispatcher that declared it, an in-process worker
 /// running `registry` on it, and a channel for looking into the broker.

@@ -1,6 +1,7 @@
-//! The fault-injection suite (issue 3): eight scenarios against the suite's own RabbitMQ nodes
-//! (never the shared `warren@localhost`), with real `fault-worker` processes and the
-//! dispatcher library, counted with an independent sink. See `docs/FAULTS.md`.
+//! The fault-injection suite: nine scenarios against the suite's own RabbitMQ nodes (never the
+//! shared `warren@localhost`), with real `fault-worker` processes (the `warren-worker` command
+//! line with recording handlers) and the dispatcher library, counted with an independent sink.
+//! See `docs/FAULTS.md`.
 //!
 //! It takes about ten minutes and starts its own nodes, so it is ignored by a plain
 //! `cargo test`; run it with `scripts/faults`, or:

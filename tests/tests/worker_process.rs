@@ -1,11 +1,15 @@
-//! Real `warren-worker` processes against a real broker: a killed worker's job goes to
-//! another worker, SIGTERM drains the running job before exiting, and two workers share a
-//! batch so that every job is done exactly once.
+//! Real worker processes against a real broker: a killed worker's job goes to another worker,
+//! SIGTERM drains the running job before exiting, and two workers share a batch so that every
+//! job is done exactly once.
+//!
+//! The processes are `fault-worker`: the `warren-worker` command line ([`warren_workers::cli`])
+//! with recording handlers. What each did is read from its sink (a line per settled delivery,
+//! from its `on_settled` hook), never from its log.
 //!
 //! Jobs are submitted with the library dispatcher, which declares the test queue before any
 //! worker process starts, so a submit never races the worker's own declare.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -15,20 +19,20 @@ use warren_core::envelope::NewJob;
 use warren_tests::*;
 
 const DEADLINE: Duration = Duration::from_secs(30);
+const WORKER: &str = env!("CARGO_BIN_EXE_fault-worker");
 
 /// Given a worker process with concurrency 1 running a 3 s `sleep` job, when the process is
 /// killed with SIGKILL mid-job and a second worker starts on the same queue, then the broker
-/// redelivers the job to the second worker, which logs it done, and the killed worker never
-/// logged it done.
+/// redelivers the job to the second worker, which settles it done, and the killed worker never
+/// did.
 #[tokio::test]
 async fn sigkilled_worker_job_is_redelivered_to_another_worker() {
     let queue = unique_queue("kill");
     let config = config(&[&queue]);
     let dispatcher = dispatcher(&config).await;
     let channel = connect().await.create_channel().await.expect("channel");
-    let no_env = HashMap::new();
-    let mut first = spawn_worker_process(&[&queue], 1, &no_env);
-    first.wait_for_log("worker started", DEADLINE).await;
+    let mut first = TestWorker::spawn(WORKER, &[&queue], 1);
+    first.wait_started(DEADLINE).await;
 
     let id = dispatcher
         .submit(NewJob::new(&queue, "sleep", &json!({"ms": 3000})))
@@ -39,17 +43,16 @@ async fn sigkilled_worker_job_is_redelivered_to_another_worker() {
     assert!(
         first.done_ids().is_empty(),
         "the job is still running when the worker is killed:\n{}",
-        first.log_text()
+        first.process.log_tail()
     );
     let killed_at = Instant::now();
-    first.signal("9");
+    first.signal("KILL");
     let status = first.wait_exit(DEADLINE).await;
     assert!(!status.success(), "a SIGKILLed worker does not exit 0");
 
-    let second = spawn_worker_process(&[&queue], 1, &no_env);
-    second
-        .wait_for_log(&format!("job done job={id}"), DEADLINE)
-        .await;
+    let mut second = TestWorker::spawn(WORKER, &[&queue], 1);
+    second.wait_started(DEADLINE).await;
+    second.wait_done(&id, DEADLINE).await;
     println!(
         "redelivered job done by the second worker {:?} after the kill",
         killed_at.elapsed()
@@ -60,28 +63,27 @@ async fn sigkilled_worker_job_is_redelivered_to_another_worker() {
         "done once, by the second"
     );
     assert!(
-        !first.log_text().contains(&format!("job done job={id}")),
-        "the killed worker never finished the job:\n{}",
-        first.log_text()
+        first.done_ids().is_empty() && first.sink.lines().is_empty(),
+        "the killed worker never finished the job"
     );
     assert_eq!(ready_count(&channel, &queue).await, 0);
 
-    remove_logs(&[&first, &second]);
-    drop(second);
+    first.remove();
+    second.remove();
     cleanup(&channel, &[&queue]).await;
 }
 
 /// Given a worker process with concurrency 1 running a 2 s `sleep` job, when it receives
-/// SIGTERM mid-job, then it lets the job finish, logs it done, and exits 0 within 20 s; the
-/// job was acked, so the queue holds no ready message afterwards.
+/// SIGTERM mid-job, then it lets the job finish, settles it done (its ack sent), and exits 0
+/// within 20 s; the queue holds no ready message afterwards.
 #[tokio::test]
 async fn sigterm_lets_the_running_job_finish_then_exits_0() {
     let queue = unique_queue("term");
     let config = config(&[&queue]);
     let dispatcher = dispatcher(&config).await;
     let channel = connect().await.create_channel().await.expect("channel");
-    let mut worker = spawn_worker_process(&[&queue], 1, &HashMap::new());
-    worker.wait_for_log("worker started", DEADLINE).await;
+    let mut worker = TestWorker::spawn(WORKER, &[&queue], 1);
+    worker.wait_started(DEADLINE).await;
 
     let id = dispatcher
         .submit(NewJob::new(&queue, "sleep", &json!({"ms": 2000})))
@@ -92,10 +94,10 @@ async fn sigterm_lets_the_running_job_finish_then_exits_0() {
     assert!(
         worker.done_ids().is_empty(),
         "the job is still running when SIGTERM arrives:\n{}",
-        worker.log_text()
+        worker.process.log_tail()
     );
     let signalled = Instant::now();
-    worker.signal("15");
+    worker.signal("TERM");
     let status = worker.wait_exit(Duration::from_secs(20)).await;
     let took = signalled.elapsed();
     println!("worker exited {took:?} after SIGTERM with {status}");
@@ -103,26 +105,25 @@ async fn sigterm_lets_the_running_job_finish_then_exits_0() {
     assert!(
         status.success(),
         "exit status {status}, log:\n{}",
-        worker.log_text()
+        worker.process.log_tail()
     );
-    assert!(
-        worker.log_text().contains(&format!("job done job={id}")),
-        "the in-flight job finished before the exit:\n{}",
-        worker.log_text()
+    assert_eq!(
+        worker.done_ids(),
+        [id],
+        "the in-flight job finished and was acked before the exit"
     );
-    assert_eq!(worker.done_ids(), [id]);
     assert_eq!(
         ready_count(&channel, &queue).await,
         0,
         "the job was acked, not handed back to the queue"
     );
 
-    remove_logs(&[&worker]);
+    worker.remove();
     cleanup(&channel, &[&queue]).await;
 }
 
 /// Given two worker processes (concurrency 16 each) on the same queue, when 1,000 `echo`
-/// jobs are submitted as one batch, then every submitted id is logged done exactly once
+/// jobs are submitted as one batch, then every submitted id is settled done exactly once
 /// across both workers, both workers did some of the work, and both exit 0 on SIGTERM.
 #[tokio::test]
 async fn two_workers_share_1000_jobs_exactly_once() {
@@ -131,13 +132,12 @@ async fn two_workers_share_1000_jobs_exactly_once() {
     let config = config(&[&queue]);
     let dispatcher = dispatcher(&config).await;
     let channel = connect().await.create_channel().await.expect("channel");
-    let no_env = HashMap::new();
     let mut workers = [
-        spawn_worker_process(&[&queue], 16, &no_env),
-        spawn_worker_process(&[&queue], 16, &no_env),
+        TestWorker::spawn(WORKER, &[&queue], 16),
+        TestWorker::spawn(WORKER, &[&queue], 16),
     ];
-    for worker in &workers {
-        worker.wait_for_log("worker started", DEADLINE).await;
+    for worker in &mut workers {
+        worker.wait_started(DEADLINE).await;
     }
 
     let started = Instant::now();
@@ -189,19 +189,21 @@ async fn two_workers_share_1000_jobs_exactly_once() {
     );
 
     for worker in &workers {
-        worker.signal("15");
+        worker.signal("TERM");
     }
     for worker in &mut workers {
         let status = worker.wait_exit(DEADLINE).await;
         assert!(
             status.success(),
             "exit status {status}, log:\n{}",
-            worker.log_text()
+            worker.process.log_tail()
         );
     }
     assert_eq!(ready_count(&channel, &queue).await, 0);
 
-    remove_logs(&workers.iter().collect::<Vec<_>>());
+    for worker in workers {
+        worker.remove();
+    }
     cleanup(&channel, &[&queue]).await;
 }
 
@@ -220,13 +222,5 @@ async fn wait_until_delivered(channel: &Channel, queue: &str, deadline: Duration
             "{ready} job(s) still ready in `{queue}` after {deadline:?}: no worker took them"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Deletes the log files of workers whose test passed (a failing test keeps them, and its
-/// panic message shows their text).
-fn remove_logs(workers: &[&WorkerProcess]) {
-    for worker in workers {
-        let _ = std::fs::remove_file(&worker.log);
     }
 }

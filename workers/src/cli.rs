@@ -13,6 +13,8 @@
 //! It parses `--queue` (repeatable), `--concurrency` and `--config`, logs to stdout through a
 //! background writer (so a slow terminal or pipe never stalls the jobs; `RUST_LOG` sets the
 //! level, default `info` = one line per job), and stops gracefully on SIGTERM or SIGINT.
+//! [`main_with`] also lets the binary adjust the [`Worker`] before it runs, e.g. to add an
+//! [`on_settled`](Worker::on_settled) hook.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,6 +41,14 @@ struct Args {
 
 /// Runs a worker process with the handlers `register` adds, until SIGTERM or SIGINT.
 pub fn main(register: impl FnOnce(&mut Registry)) -> ExitCode {
+    main_with(register, |worker| worker)
+}
+
+/// [`main`], with `customise` applied to the [`Worker`] (its queues added) before it runs.
+pub fn main_with(
+    register: impl FnOnce(&mut Registry),
+    customise: impl FnOnce(Worker) -> Worker,
+) -> ExitCode {
     let args = Args::parse();
     let _flush_on_exit = init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -53,7 +63,7 @@ pub fn main(register: impl FnOnce(&mut Registry)) -> ExitCode {
     };
     let mut registry = Registry::new();
     register(&mut registry);
-    match runtime.block_on(run(args, registry)) {
+    match runtime.block_on(run(args, registry, customise)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{}", warren_core::error_chain(err.as_ref()));
@@ -86,7 +96,11 @@ pub fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     guard
 }
 
-async fn run(args: Args, registry: Registry) -> anyhow::Result<()> {
+async fn run(
+    args: Args,
+    registry: Registry,
+    customise: impl FnOnce(Worker) -> Worker,
+) -> anyhow::Result<()> {
     let mut config = Config::load(args.config.as_deref())?;
     for warning in config.warnings() {
         tracing::warn!("{warning}");
@@ -101,6 +115,6 @@ async fn run(args: Args, registry: Registry) -> anyhow::Result<()> {
         .queues
         .into_iter()
         .fold(Worker::new(config, registry), Worker::queue);
-    worker.run(shutdown).await?;
+    customise(worker).run(shutdown).await?;
     Ok(())
 }

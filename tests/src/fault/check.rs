@@ -8,8 +8,10 @@ use anyhow::{Context, bail};
 use lapin::options::BasicGetOptions;
 use warren_core::envelope::{self, ERROR, ERROR_CLASS};
 
+use warren_core::envelope::NewJob;
+
 use super::node::Node;
-use super::sink::{Sink, Tally};
+use crate::sink::{Sink, Tally};
 
 /// What was submitted, by job key (the message id; for raw messages without one, a case
 /// name).
@@ -325,4 +327,123 @@ pub fn count(ledger: &Ledger, tally: &Tally, dead: &[DeadMessage]) -> Counts {
         unexpected_ids,
         duplicate_sample: dups,
     }
+}
+
+/// Each job's kind, by id.
+pub type Kinds = HashMap<String, String>;
+
+/// The kinds of `jobs`, by id.
+pub fn kinds_of(jobs: &[NewJob]) -> Kinds {
+    jobs.iter()
+        .filter_map(|job| Some((job.id.clone()?, job.kind.clone())))
+        .collect()
+}
+
+/// What became of the `flaky` and `fail` jobs of a scenario that mixes them in.
+#[derive(Debug, Default)]
+pub struct KindOutcomes {
+    /// Confirmed `flaky` jobs, those recorded as processed, and the lines beyond one each.
+    pub flaky: usize,
+    pub flaky_processed: usize,
+    pub flaky_duplicates: usize,
+    /// Confirmed `fail` jobs, those in a dead-letter queue as `permanent`, and the dead
+    /// letters beyond one each.
+    pub fail: usize,
+    pub fail_dead: usize,
+    pub fail_duplicates: usize,
+    /// Every job that did not end as its kind must (at most 10 listed, then a count).
+    pub problems: Vec<String>,
+}
+
+impl KindOutcomes {
+    fn problem(&mut self, problem: String) {
+        match self.problems.len() {
+            0..10 => self.problems.push(problem),
+            10 => self.problems.push("(more)".into()),
+            _ => {}
+        }
+    }
+
+    /// One line for the report.
+    pub fn summary(&self) -> String {
+        format!(
+            "flaky: {}/{} processed ({} recorded more than once); fail: {}/{} dead-lettered as permanent ({} extra copies)",
+            self.flaky_processed,
+            self.flaky,
+            self.flaky_duplicates,
+            self.fail_dead,
+            self.fail,
+            self.fail_duplicates
+        )
+    }
+}
+
+/// Judges each job by its kind: a `flaky` job (a retryable failure first, then done) must be
+/// processed at least once and never dead-lettered; a `fail` job (a permanent failure) must be
+/// in a dead-letter queue with class `permanent`, matched by its message id, and never
+/// processed; a job of any other kind must never be dead-lettered. "Must arrive" applies to
+/// confirmed jobs; "never" to every job.
+pub fn judge_kinds(
+    kinds: &Kinds,
+    ledger: &Ledger,
+    tally: &Tally,
+    dead: &[DeadMessage],
+) -> KindOutcomes {
+    let mut dead_by_id: HashMap<&str, Vec<&DeadMessage>> = HashMap::new();
+    for d in dead {
+        dead_by_id.entry(d.key.as_str()).or_default().push(d);
+    }
+    let mut out = KindOutcomes::default();
+    let mut ids: Vec<&String> = kinds.keys().collect();
+    ids.sort();
+    for id in ids {
+        let kind = kinds[id].as_str();
+        let confirmed = ledger.confirmed.contains(id);
+        let runs = tally.of_id(id);
+        let dead_here = dead_by_id.get(id.as_str()).map_or(&[][..], Vec::as_slice);
+        match kind {
+            "fail" => {
+                if confirmed {
+                    out.fail += 1;
+                }
+                let permanent = dead_here.iter().filter(|d| d.class == "permanent").count();
+                if permanent > 0 {
+                    out.fail_dead += 1;
+                    out.fail_duplicates += permanent - 1;
+                } else if confirmed {
+                    out.problem(format!("fail job {id} is not in a dead-letter queue"));
+                }
+                if permanent != dead_here.len() {
+                    out.problem(format!(
+                        "fail job {id} dead-lettered as {:?}",
+                        dead_here.iter().map(|d| &d.class).collect::<Vec<_>>()
+                    ));
+                }
+                if runs > 0 {
+                    out.problem(format!("fail job {id} was recorded as processed"));
+                }
+            }
+            other => {
+                if other == "flaky" {
+                    if confirmed {
+                        out.flaky += 1;
+                    }
+                    if runs > 0 {
+                        out.flaky_processed += 1;
+                        out.flaky_duplicates += runs - 1;
+                    } else if confirmed {
+                        out.problem(format!("flaky job {id} was never processed"));
+                    }
+                }
+                if !dead_here.is_empty() {
+                    out.problem(format!(
+                        "{other} job {id} dead-lettered as {:?}: {:?}",
+                        dead_here.iter().map(|d| &d.class).collect::<Vec<_>>(),
+                        dead_here.first().map(|d| &d.error)
+                    ));
+                }
+            }
+        }
+    }
+    out
 }

@@ -16,39 +16,33 @@
 //! - recovery = from the fault to the first job recorded whose handler started after the
 //!   fault had taken effect (see each scenario).
 //!
+//! Workers are `fault-worker` processes (the `warren-worker` command line with recording
+//! handlers) started through the shared harness ([`crate::procs`]); what they did is read from
+//! the sink ([`crate::sink`]) and the broker, never from their logs.
+//!
 //! `docs/FAULTS.md` describes the scenarios; `scripts/faults` runs them.
 
-pub mod bad_input;
 pub mod check;
 pub mod node;
-pub mod procs;
 pub mod relay;
 pub mod scenarios;
-pub mod sink;
 pub mod submit;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use serde_json::Value;
+use serde_json::{Value, json};
 use warren_core::config::Config;
 use warren_core::envelope::NewJob;
 use warren_dispatcher::Dispatcher;
 
+use crate::procs::{Pool, WorkerSpec};
+pub use crate::sink::now_ms;
+use crate::sink::{Sink, Tally};
 use check::{Counts, Ledger};
 use node::Node;
-use procs::{Pool, WorkerSpec};
-use sink::{Sink, Tally};
-
-/// Milliseconds since the epoch (the sink's clock).
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
 
 /// The `warren.toml` of a scenario: its one queue and the knobs the scenarios turn.
 #[derive(Debug, Clone)]
@@ -60,6 +54,8 @@ pub struct Settings {
     pub max_payload_bytes: usize,
     pub max_in_flight: usize,
     pub concurrency: u16,
+    /// `worker.prefetch`; `None` leaves Warren's default (twice `concurrency`).
+    pub prefetch: Option<u16>,
     pub shutdown_grace: &'static str,
     pub delivery_limit: u32,
     pub job_timeout: &'static str,
@@ -76,6 +72,7 @@ impl Default for Settings {
             max_payload_bytes: 1024 * 1024,
             max_in_flight: 1000,
             concurrency: 8,
+            prefetch: None,
             shutdown_grace: "5s",
             delivery_limit: 10,
             job_timeout: "30s",
@@ -85,10 +82,16 @@ impl Default for Settings {
 }
 
 impl Settings {
-    pub fn toml(&self, urls: &[String], queue: &str) -> String {
+    /// The `warren.toml` text for these addresses (the first is `broker.url`, the others
+    /// `failover_urls`) and queues. Retries are quick: 1 s, then 2 s, at most 4 s, no jitter.
+    pub fn toml(&self, urls: &[String], queues: &[String]) -> String {
         let (first, rest) = urls.split_first().expect("at least one URL");
         let rest: Vec<String> = rest.iter().map(|u| format!("{u:?}")).collect();
-        format!(
+        let prefetch = self
+            .prefetch
+            .map(|p| format!("prefetch = {p}\n"))
+            .unwrap_or_default();
+        let mut text = format!(
             r#"[broker]
 url = {first:?}
 failover_urls = [{rest}]
@@ -105,8 +108,21 @@ max_in_flight = {max_in_flight}
 
 [worker]
 concurrency = {concurrency}
-shutdown_grace = "{shutdown_grace}"
-
+{prefetch}shutdown_grace = "{shutdown_grace}"
+"#,
+            rest = rest.join(", "),
+            heartbeat = self.heartbeat,
+            connect_timeout = self.connect_timeout,
+            operation_timeout = self.operation_timeout,
+            blocked_timeout = self.blocked_timeout,
+            max_payload_bytes = self.max_payload_bytes,
+            max_in_flight = self.max_in_flight,
+            concurrency = self.concurrency,
+            shutdown_grace = self.shutdown_grace,
+        );
+        for queue in queues {
+            text.push_str(&format!(
+                r#"
 [queues.{queue}]
 delivery_limit = {delivery_limit}
 job_timeout = "{job_timeout}"
@@ -118,19 +134,12 @@ multiplier = 2.0
 max_delay = "4s"
 jitter = 0.0
 "#,
-            rest = rest.join(", "),
-            heartbeat = self.heartbeat,
-            connect_timeout = self.connect_timeout,
-            operation_timeout = self.operation_timeout,
-            blocked_timeout = self.blocked_timeout,
-            max_payload_bytes = self.max_payload_bytes,
-            max_in_flight = self.max_in_flight,
-            concurrency = self.concurrency,
-            shutdown_grace = self.shutdown_grace,
-            delivery_limit = self.delivery_limit,
-            job_timeout = self.job_timeout,
-            max_attempts = self.max_attempts,
-        )
+                delivery_limit = self.delivery_limit,
+                job_timeout = self.job_timeout,
+                max_attempts = self.max_attempts,
+            ));
+        }
+        text
     }
 }
 
@@ -143,7 +152,10 @@ pub struct Scenario {
     /// Every node whose address clients get, in order.
     pub nodes: Vec<Node>,
     pub vhost: String,
+    /// The scenario's work queue.
     pub queue: String,
+    /// Every queue its workers consume and its dispatchers declare (`queue` first).
+    pub queues: Vec<String>,
     pub dir: PathBuf,
     pub sink: Sink,
     pub bin: PathBuf,
@@ -166,13 +178,15 @@ impl Scenario {
         std::fs::create_dir_all(&dir).with_context(|| format!("{}", dir.display()))?;
         let node = nodes[0].clone();
         node.add_vhost(&vhost).await?;
+        let queue = format!("jobs-{number}");
         Ok(Scenario {
             number,
             name,
             node,
             nodes,
-            queue: format!("jobs-{number}"),
-            sink: Sink::new(dir.join("sink.txt")),
+            queues: vec![queue.clone()],
+            queue,
+            sink: Sink::new(&dir, "sink"),
             vhost,
             dir,
             bin: bin.to_path_buf(),
@@ -188,33 +202,27 @@ impl Scenario {
     /// Writes `settings` as `<label>.toml` for the given addresses; returns its path.
     pub fn write_config(&self, label: &str, settings: &Settings, urls: &[String]) -> PathBuf {
         let path = self.dir.join(format!("{label}.toml"));
-        std::fs::write(&path, settings.toml(urls, &self.queue)).expect("writing a config");
+        std::fs::write(&path, settings.toml(urls, &self.queues)).expect("writing a config");
         path
     }
 
     /// The same settings as a [`Config`], for the dispatcher in this process.
     pub fn config(&self, settings: &Settings, urls: &[String]) -> Config {
-        let config = Config::from_toml(&settings.toml(urls, &self.queue)).expect("valid TOML");
+        let config = Config::from_toml(&settings.toml(urls, &self.queues)).expect("valid TOML");
         config.validate().expect("valid config");
         config
     }
 
-    /// A worker process spec on this scenario's queue and sink.
+    /// A `fault-worker` process on this scenario's queues and sink (its settlements too).
     pub fn worker(&self, label: &str, settings: &Settings, urls: &[String]) -> WorkerSpec {
         let config = self.write_config(label, settings, urls);
-        WorkerSpec {
-            bin: self.bin.clone(),
-            label: label.to_owned(),
-            queues: vec![self.queue.clone()],
-            concurrency: settings.concurrency,
-            config,
-            urls: urls.join(","),
-            sink: self.sink.path.clone(),
-            dir: self.dir.clone(),
-        }
+        self.sink.env().into_iter().fold(
+            WorkerSpec::new(&self.bin, label, &self.queues, &self.dir).config(config),
+            |spec, (key, path)| spec.env(key, path),
+        )
     }
 
-    /// A connected dispatcher that declared the scenario's queue.
+    /// A connected dispatcher that declared the scenario's queues.
     pub async fn dispatcher(
         &self,
         settings: &Settings,
@@ -224,18 +232,45 @@ impl Scenario {
         let dispatcher = Dispatcher::connect(&config).await?;
         tokio::time::timeout(
             Duration::from_secs(60),
-            dispatcher.apply_topology(std::slice::from_ref(&self.queue)),
+            dispatcher.apply_topology(&self.queues),
         )
         .await
         .context("declaring the topology: no answer")??;
         Ok(Arc::new(dispatcher))
     }
 
-    /// `n` jobs of `kind` with `payload`, each with its own id.
+    /// `n` jobs of `kind` with `payload` for the scenario's queue, each with its own id.
     pub fn jobs(&self, n: usize, kind: &str, payload: &Value) -> Vec<NewJob> {
+        self.jobs_for(&self.queue, n, kind, payload)
+    }
+
+    /// `n` jobs of `kind` with `payload` for `queue`, each with its own id.
+    pub fn jobs_for(&self, queue: &str, n: usize, kind: &str, payload: &Value) -> Vec<NewJob> {
         (0..n)
-            .map(|_| {
-                NewJob::new(&self.queue, kind, payload).with_id(uuid::Uuid::now_v7().to_string())
+            .map(|_| NewJob::new(queue, kind, payload).with_id(uuid::Uuid::now_v7().to_string()))
+            .collect()
+    }
+
+    /// `n` jobs taking `ms` each: `sleep`, except every `flaky_every`-th a `flaky` one (a
+    /// retryable failure on attempt 1, done on attempt 2) and, if `fail_every` is not 0, every
+    /// `fail_every`-th (offset by half) a `fail` one (a permanent failure: dead-lettered).
+    pub fn mixed_jobs(
+        &self,
+        n: usize,
+        ms: u64,
+        flaky_every: usize,
+        fail_every: usize,
+    ) -> Vec<NewJob> {
+        (0..n)
+            .map(|i| {
+                let (kind, payload) = if fail_every > 0 && i % fail_every == fail_every / 2 {
+                    ("fail", json!({ "ms": ms }))
+                } else if flaky_every > 0 && i % flaky_every == 0 {
+                    ("flaky", json!({ "times": 1, "ms": ms }))
+                } else {
+                    ("sleep", json!({ "ms": ms }))
+                };
+                NewJob::new(&self.queue, kind, &payload).with_id(uuid::Uuid::now_v7().to_string())
             })
             .collect()
     }
@@ -265,7 +300,13 @@ impl Scenario {
         for problem in problems {
             report.fail(format!("stuck (workers running): {problem}"));
         }
-        let killed = pool.stop(Duration::from_secs(20)).await;
+        let killed: Vec<String> = pool
+            .stop(Duration::from_secs(20))
+            .await
+            .into_iter()
+            .filter(|(_, status)| status.is_none())
+            .map(|(label, _)| label)
+            .collect();
         if !killed.is_empty() {
             report.note(format!(
                 "workers killed after a graceful stop timed out: {killed:?}"
@@ -278,7 +319,38 @@ impl Scenario {
         }
         let tally = Tally::of(&self.sink.lines());
         report.set_counts(check::count(ledger, &tally, &dead));
+        report.note(self.settled_summary());
         Ok(dead)
+    }
+
+    /// What the workers' `on_settled` hooks recorded: deliveries by outcome, and acks that
+    /// could not be sent (their channel was gone: those jobs are delivered again).
+    pub fn settled_summary(&self) -> String {
+        let settlements = self.sink.settlements();
+        let mut by_outcome: std::collections::BTreeMap<&str, usize> = Default::default();
+        for s in &settlements {
+            *by_outcome.entry(s.outcome.as_str()).or_default() += 1;
+        }
+        let unsent = settlements.iter().filter(|s| !s.sent).count();
+        format!("deliveries settled: {by_outcome:?}; acks not sent: {unsent}")
+    }
+
+    /// Judges the jobs by kind ([`check::judge_kinds`]) after [`Scenario::finish`]: every
+    /// misplaced job fails the report; the figures go to its notes.
+    pub fn judge_kinds(
+        &self,
+        report: &mut Report,
+        kinds: &check::Kinds,
+        ledger: &Ledger,
+        dead: &[check::DeadMessage],
+    ) -> check::KindOutcomes {
+        let tally = Tally::of(&self.sink.lines());
+        let outcomes = check::judge_kinds(kinds, ledger, &tally, dead);
+        report.note(outcomes.summary());
+        for problem in &outcomes.problems {
+            report.fail(problem.clone());
+        }
+        outcomes
     }
 
     /// Deletes the vhost (everything in it).

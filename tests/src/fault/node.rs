@@ -172,6 +172,51 @@ impl Node {
     pub async fn eval(&self, expression: &str) -> Result<String, NodeError> {
         self.ctl(&["eval", expression]).await
     }
+
+    /// The node's pids of the connections of worker process `pid` (Warren names them
+    /// `warren-worker <host>:<pid> consume|publish`), sorted: a worker that started a new
+    /// session has other connections than before.
+    pub async fn connections_of(&self, pid: u32) -> Result<Vec<String>, NodeError> {
+        let listing = self
+            .ctl(&[
+                "-q",
+                "list_connections",
+                "pid",
+                "client_properties",
+                "--no-table-headers",
+            ])
+            .await?;
+        let mut pids: Vec<String> = crate::connections_named(&listing, &format!(":{pid} "))
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        pids.sort();
+        Ok(pids)
+    }
+
+    /// The tags of the consumers on `queue` in `vhost` (Warren's contain `<host>:<pid>` and
+    /// are new for every subscription), sorted.
+    pub async fn consumer_tags(&self, vhost: &str, queue: &str) -> Result<Vec<String>, NodeError> {
+        let text = self
+            .ctl(&[
+                "-q",
+                "list_consumers",
+                "-p",
+                vhost,
+                "queue_name",
+                "consumer_tag",
+                "--no-table-headers",
+            ])
+            .await?;
+        let mut tags: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.split_once('\t'))
+            .filter(|(name, _)| *name == queue)
+            .map(|(_, tag)| tag.trim().to_owned())
+            .collect();
+        tags.sort();
+        Ok(tags)
+    }
 }
 
 /// The three cluster members.

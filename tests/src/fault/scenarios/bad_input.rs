@@ -1,7 +1,15 @@
-//! Scenario 8: bad input from a raw AMQP client (lapin directly, not the dispatcher), among
-//! good jobs. Every bad message must end in `<queue>.dead` with a reason, or be refused by the
-//! broker at publish; a valid job that merely carries spoofed headers is processed; the worker
-//! stays alive; the good jobs around them are all processed.
+//! Scenario 8: bad input from raw AMQP clients (lapin directly with RabbitMQ's default 128 KiB
+//! frames, and [`crate::raw_amqp`] for what lapin cannot write), among good jobs.
+//!
+//! Each case is judged on its own outcome, counted exactly: a malformed message ends in
+//! `<queue>.dead` once with its reason and never runs; a valid job that merely carries odd or
+//! spoofed headers (a 20 KB header, a header table nested 20,000 deep, ...) is processed once; a
+//! job with `CC`/`BCC` headers naming the delay levels' routing keys and the queue itself fails
+//! with a retryable error and runs exactly `max_attempts` times, then has exactly one dead
+//! letter; what the broker refuses never arrives. Runs are counted by the worker's `on_settled`
+//! hook (one line per settled delivery) and the sink, never from the log. The worker stays the
+//! same process with the same two connections (one session, checked on the broker), and the
+//! good jobs around the bad ones are each processed exactly once.
 
 use std::path::Path;
 use std::time::Duration;
@@ -12,30 +20,48 @@ use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use warren_core::envelope::ATTEMPT;
+use warren_core::envelope::{ATTEMPT, ERROR, ERROR_CLASS};
+use warren_core::topology;
 
-use super::check::Ledger;
-use super::node::Node;
-use super::procs::Pool;
-use super::sink::Tally;
-use super::submit::{self, Plan};
-use super::{Report, Scenario, Settings};
+use super::Session;
+use crate::fault::check::{DeadMessage, Ledger};
+use crate::fault::node::Node;
+use crate::fault::submit::{self, Plan};
+use crate::fault::{Report, Scenario, Settings};
+use crate::procs::Pool;
+use crate::raw_amqp::{self, RawMessage, RawPublisher};
+use crate::sink::{Settlement, Tally};
 
 /// What must become of a bad message.
 #[derive(Debug, Clone, PartialEq)]
 enum Expect {
-    /// Dead-lettered by the worker with this `x-warren-error-class`.
+    /// Dead-lettered by the worker, once, with this `x-warren-error-class`; never run.
     Dead(&'static str),
-    /// A valid job despite the oddity: processed.
+    /// A valid job despite the oddity: processed once.
     Processed,
-    /// Refused by the broker at publish (channel error, no confirm).
+    /// A retryable failure every time: run exactly this many times (`max_attempts`), then
+    /// dead-lettered once as `exhausted`.
+    Exhausted(usize),
+    /// Refused by the broker at publish (channel error, no confirm): never arrives.
     Refused,
 }
 
+/// A message published by lapin.
 struct Case {
     name: &'static str,
     expect: Expect,
     properties: BasicProperties,
+    body: Vec<u8>,
+}
+
+/// A message lapin cannot write, published byte by byte ([`crate::raw_amqp`]): a valid job
+/// whose header table is `headers` (encoded).
+struct RawCase {
+    name: &'static str,
+    expect: Expect,
+    id: String,
+    kind: &'static str,
+    headers: Vec<u8>,
     body: Vec<u8>,
 }
 
@@ -53,10 +79,15 @@ fn headers(case: &str, extra: &[(&str, AMQPValue)]) -> FieldTable {
     table
 }
 
+/// A fresh message id for a case: `bad-<case>-<uuid>`.
+fn case_id(case: &str) -> String {
+    format!("bad-{case}-{}", uuid::Uuid::now_v7().simple())
+}
+
 /// A valid job's properties (id, kind, JSON content type) plus the case header.
 fn valid(case: &str, kind: &str, extra: &[(&str, AMQPValue)]) -> BasicProperties {
     BasicProperties::default()
-        .with_message_id(format!("bad-{case}-{}", uuid::Uuid::now_v7().simple()).into())
+        .with_message_id(case_id(case).into())
         .with_type(kind.into())
         .with_content_type("application/json".into())
         .with_delivery_mode(2)
@@ -78,7 +109,8 @@ fn fake_x_death() -> AMQPValue {
     ]))
 }
 
-fn cases(notes: &mut Vec<String>) -> Vec<Case> {
+/// The messages lapin publishes to `queue`; notes what cannot be sent at all.
+fn cases(queue: &str, max_attempts: usize, notes: &mut Vec<String>) -> Vec<Case> {
     let body = |case: &str| format!("{{\"note\":\"case={case}\"}}").into_bytes();
     let long = |n: usize| "x".repeat(n);
     let cases = vec![
@@ -319,6 +351,53 @@ fn cases(notes: &mut Vec<String>) -> Vec<Case> {
             )
             .expect("json"),
         },
+        Case {
+            name: "header-20kb",
+            expect: Expect::Processed,
+            properties: valid(
+                "header-20kb",
+                "echo",
+                &[(
+                    "x-fault-twenty-k",
+                    AMQPValue::LongString(LongString::from(long(20_000))),
+                )],
+            ),
+            body: body("header-20kb"),
+        },
+        Case {
+            name: "cc-bcc-delay-keys",
+            expect: Expect::Exhausted(max_attempts),
+            properties: valid(
+                "cc-bcc-delay-keys",
+                "flaky",
+                &[("CC", routing_keys(queue)), ("BCC", routing_keys(queue))],
+            ),
+            body: serde_json::to_vec(&json!({"times": 1000, "note": "case=cc-bcc-delay-keys"}))
+                .expect("json"),
+        },
+        Case {
+            name: "attempt-4kb-string",
+            expect: Expect::Dead("malformed"),
+            properties: valid(
+                "attempt-4kb-string",
+                "echo",
+                &[(ATTEMPT, AMQPValue::LongString(LongString::from(long(4096))))],
+            ),
+            body: body("attempt-4kb-string"),
+        },
+        Case {
+            name: "forged-error-class",
+            expect: Expect::Dead("permanent"),
+            properties: valid(
+                "forged-error-class",
+                "fail",
+                &[
+                    (ERROR_CLASS, AMQPValue::LongString("unknown-kind".into())),
+                    (ERROR, AMQPValue::LongString("forged".into())),
+                ],
+            ),
+            body: body("forged-error-class"),
+        },
     ];
     // Names over 255 bytes cannot be sent: AMQP short strings have a one-byte length, and lapin
     // refuses to build one (ShortString::try_new; `From` would panic).
@@ -331,6 +410,31 @@ fn cases(notes: &mut Vec<String>) -> Vec<Case> {
         }
     }
     cases
+}
+
+/// `CC`/`BCC` routing keys a hostile producer could aim at Warren's own topology: the delay
+/// levels' keys for 1, 2 and 4 s to `queue`, and `queue` itself. If a retry copy carried them,
+/// the broker would route it to every one of them again.
+fn routing_keys(queue: &str) -> AMQPValue {
+    let keys = [1, 2, 4]
+        .iter()
+        .map(|seconds| topology::delay_route(*seconds, queue).1)
+        .chain([queue.to_owned()])
+        .map(|key| AMQPValue::LongString(key.into()))
+        .collect::<Vec<_>>();
+    AMQPValue::FieldArray(FieldArray::from(keys))
+}
+
+/// The messages written byte by byte.
+fn raw_cases() -> Vec<RawCase> {
+    vec![RawCase {
+        name: "headers-nested-20000-deep",
+        expect: Expect::Processed,
+        id: case_id("headers-nested-20000-deep"),
+        kind: "echo",
+        headers: raw_amqp::deep_headers(20_000),
+        body: b"{\"note\":\"case=headers-nested-20000-deep\"}".to_vec(),
+    }]
 }
 
 /// The key the suite counts a case under (see `check::key_of`).
@@ -374,14 +478,22 @@ async fn publish_raw(channel: &Channel, queue: &str, case: &Case) -> anyhow::Res
     }
 }
 
-pub async fn bad_input(bin: &Path) -> anyhow::Result<Report> {
+pub async fn run(bin: &Path) -> anyhow::Result<Report> {
     let s = Scenario::new(8, "bad-input", vec![Node::single()], bin).await?;
     let set = format!("application:set_env(rabbit, max_message_size, {MAX_MESSAGE}).");
     let restore = "application:set_env(rabbit, max_message_size, 134217728).";
-    s.with_broker_settings(&set, restore, run).await
+    s.with_broker_settings(&set, restore, scenario).await
 }
 
-async fn run(s: &Scenario) -> anyhow::Result<Report> {
+/// A case once published: how it must end, and under which key it is counted.
+struct Sent {
+    name: &'static str,
+    expect: Expect,
+    key: String,
+    confirmed: bool,
+}
+
+async fn scenario(s: &Scenario) -> anyhow::Result<Report> {
     let mut report = Report::new(8, s.name);
     let settings = Settings {
         max_payload_bytes: MAX_PAYLOAD,
@@ -395,32 +507,23 @@ async fn run(s: &Scenario) -> anyhow::Result<Report> {
     )
     .await?;
     let worker_pid = pool.procs[0].pid;
+    let session = Session::of(&s.node, worker_pid).await?;
     let mut ledger = Ledger::default();
-
-    let before = s.jobs(250, "echo", &json!({}));
-    let (submitting, log) = submit::spawn(
-        dispatcher.clone(),
-        before,
-        Plan::default(),
-        CancellationToken::new(),
-    );
-    tokio::time::timeout(Duration::from_secs(60), submitting)
-        .await
-        .context("submitting")??;
-    ledger.add_dispatcher(&log.lock().expect("log"));
+    submit_good(s, &dispatcher, &mut ledger).await?;
 
     let mut notes = Vec::new();
-    let cases = cases(&mut notes);
+    let cases = cases(&s.queue, settings.max_attempts as usize, &mut notes);
     for note in notes {
         report.note(note);
     }
+    // A producer with RabbitMQ's default frame size, whatever Warren's own default is.
     let broker = warren_core::config::BrokerConfig {
-        url: s.node.url(&s.vhost),
+        url: format!("{}?frame_max=131072", s.node.url(&s.vhost)),
         ..Default::default()
     };
     let connection = warren_core::connection::connect(&broker, "fault-suite raw client").await?;
     let mut channel = confirm_channel(&connection).await?;
-    let mut outcomes = Vec::new();
+    let mut sent = Vec::new();
     for case in &cases {
         let key = key(case);
         ledger.submitted.insert(key.clone());
@@ -431,14 +534,88 @@ async fn run(s: &Scenario) -> anyhow::Result<Report> {
         if !channel.status().connected() {
             channel = confirm_channel(&connection).await?;
         }
-        outcomes.push((case, key, confirmed));
+        sent.push(Sent {
+            name: case.name,
+            expect: case.expect.clone(),
+            key,
+            confirmed,
+        });
     }
     let _ = connection.close(200, "done".into()).await;
+    let mut raw = RawPublisher::connect(&s.node.url(&s.vhost)).await?;
+    for case in raw_cases() {
+        ledger.submitted.insert(case.id.clone());
+        let message = RawMessage::job(&s.queue, &case.id, case.kind, &case.headers, &case.body);
+        let confirmed = match raw.publish(&message).await {
+            Ok(()) => true,
+            Err(err) => {
+                report.note(format!("case {}: not confirmed: {err}", case.name));
+                false
+            }
+        };
+        if confirmed {
+            ledger.confirmed.insert(case.id.clone());
+        }
+        sent.push(Sent {
+            name: case.name,
+            expect: case.expect,
+            key: case.id,
+            confirmed,
+        });
+    }
+    let _ = raw.close().await;
+    submit_good(s, &dispatcher, &mut ledger).await?;
 
-    let after = s.jobs(250, "echo", &json!({}));
+    report.check(pool.procs[0].exited().is_none(), "the worker process died");
+    session.check_unchanged(&s.node, &mut report).await?;
+    let dead = s
+        .finish(&mut pool, &ledger, &mut report, Duration::from_secs(60))
+        .await?;
+    let tally = Tally::of(&s.sink.lines());
+    let settlements = s.sink.settlements();
+    report.check(
+        s.sink.lines().iter().all(|l| l.pid == worker_pid)
+            && settlements.iter().all(|l| l.pid == worker_pid),
+        "a job was run by another process than the first worker",
+    );
+    let unsent: Vec<_> = settlements.iter().filter(|l| !l.sent).collect();
+    report.check(
+        unsent.is_empty(),
+        format!("acks that could not be sent (a lost session): {unsent:?}"),
+    );
+    for case in &sent {
+        let got = judge(case, &dead, &tally, &settlements);
+        match &got {
+            Ok(summary) => report.note(format!("  {} → {summary}", case.name)),
+            Err(problem) => report.fail(format!("case {}: {problem}", case.name)),
+        }
+    }
+    let good: Vec<&String> = ledger
+        .confirmed
+        .iter()
+        .filter(|id| !id.starts_with("bad-") && !id.starts_with("case:"))
+        .collect();
+    let good_once = good.iter().filter(|id| tally.of_id(id) == 1).count();
+    report.check(
+        good.len() == 500 && good_once == 500,
+        format!(
+            "{good_once} of {} confirmed good jobs processed exactly once",
+            good.len()
+        ),
+    );
+    Ok(report)
+}
+
+/// Submits 250 good jobs through the dispatcher, all confirmed.
+async fn submit_good(
+    s: &Scenario,
+    dispatcher: &std::sync::Arc<warren_dispatcher::Dispatcher>,
+    ledger: &mut Ledger,
+) -> anyhow::Result<()> {
+    let jobs = s.jobs(250, "echo", &json!({}));
     let (submitting, log) = submit::spawn(
         dispatcher.clone(),
-        after,
+        jobs,
         Plan::default(),
         CancellationToken::new(),
     );
@@ -446,75 +623,66 @@ async fn run(s: &Scenario) -> anyhow::Result<Report> {
         .await
         .context("submitting")??;
     ledger.add_dispatcher(&log.lock().expect("log"));
+    Ok(())
+}
 
-    report.check(pool.procs[0].exited().is_none(), "the worker process died");
-    let dead = s
-        .finish(&mut pool, &ledger, &mut report, Duration::from_secs(60))
-        .await?;
-    report.check(pool.procs[0].pid == worker_pid, "the worker was replaced");
-    let log_text = pool.procs[0].log_text();
-    report.check(
-        log_text.matches("worker started").count() == 1,
-        "the worker had to reconnect",
+/// Compares what became of one case with what must: its dead letters (by message id, or case
+/// name for messages without one), handler runs recorded in the sink, and deliveries settled.
+/// `Ok` with a summary, or what is wrong.
+fn judge(
+    case: &Sent,
+    dead: &[DeadMessage],
+    tally: &Tally,
+    settlements: &[Settlement],
+) -> Result<String, String> {
+    let dead: Vec<&DeadMessage> = dead.iter().filter(|d| d.key == case.key).collect();
+    let processed = tally.of_id(&case.key);
+    // Messages without an id settle as `-`: their deliveries cannot be told apart.
+    let has_id = !case.key.starts_with("case:");
+    let settled: Vec<&str> = settlements
+        .iter()
+        .filter(|l| l.id == crate::sink::id_field(&case.key))
+        .map(|l| l.outcome.as_str())
+        .collect();
+    let classes: Vec<&str> = dead.iter().map(|d| d.class.as_str()).collect();
+    let seen = format!(
+        "confirmed={} dead={classes:?} processed={processed} settled={settled:?}",
+        case.confirmed
     );
-    let tally = Tally::of(&s.sink.lines());
-    let mut summary = Vec::new();
-    for (case, key, confirmed) in &outcomes {
-        let in_dead: Vec<_> = dead.iter().filter(|d| &d.key == key).collect();
-        let processed = tally.counts.contains_key(key);
-        let got = match (confirmed, in_dead.first(), processed) {
-            (false, None, false) => Expect::Refused,
-            (true, Some(d), false) if in_dead.len() == 1 && !d.error.is_empty() => {
-                match d.class.as_str() {
-                    "malformed" => Expect::Dead("malformed"),
-                    "unknown-kind" => Expect::Dead("unknown-kind"),
-                    "permanent" => Expect::Dead("permanent"),
-                    other => {
-                        report.fail(format!(
-                            "case {}: dead-lettered with class {other}",
-                            case.name
-                        ));
-                        continue;
-                    }
-                }
-            }
-            (true, None, true) => Expect::Processed,
-            other => {
-                report.fail(format!(
-                    "case {}: confirmed={} dead={:?} processed={}",
-                    case.name, other.0, in_dead, other.2
-                ));
-                continue;
-            }
-        };
-        if got != case.expect {
-            report.fail(format!(
-                "case {}: expected {:?}, got {got:?}",
-                case.name, case.expect
-            ));
+    let ok = match &case.expect {
+        Expect::Refused => !case.confirmed && dead.is_empty() && processed == 0,
+        Expect::Processed => {
+            case.confirmed && dead.is_empty() && processed == 1 && settled == ["done"]
         }
-        let reason = in_dead
-            .first()
-            .map(|d| format!(" ({}: {})", d.class, d.error))
-            .unwrap_or_default();
-        summary.push(format!("{} → {got:?}{reason}", case.name));
+        Expect::Dead(class) => {
+            case.confirmed
+                && classes == [*class]
+                && !dead[0].error.is_empty()
+                && dead[0].error != "forged"
+                && dead[0].error.len() <= warren_core::envelope::MAX_ERROR_BYTES
+                && processed == 0
+                && (!has_id || settled == ["dead-lettered"])
+        }
+        Expect::Exhausted(runs) => {
+            let retries = settled.iter().filter(|o| **o == "retry-scheduled").count();
+            case.confirmed
+                && classes == ["exhausted"]
+                && processed == 0
+                && settled.len() == *runs
+                && retries == runs - 1
+                && settled.last() == Some(&"dead-lettered")
+        }
+    };
+    if !ok {
+        return Err(format!("expected {:?}, got {seen}", case.expect));
     }
-    for line in summary {
-        report.note(format!("  {line}"));
-    }
-    let good = ledger
-        .confirmed
-        .iter()
-        .filter(|id| !id.starts_with("bad-") && !id.starts_with("case:"))
-        .count();
-    let good_done = tally
-        .ids()
-        .iter()
-        .filter(|id| !id.starts_with("bad-"))
-        .count();
-    report.check(
-        good == 500 && good_done == 500,
-        format!("{good_done} of {good} good jobs processed"),
-    );
-    Ok(report)
+    let reason = dead
+        .first()
+        .map(|d| format!(" ({}: {})", d.class, d.error))
+        .unwrap_or_default();
+    Ok(format!(
+        "{:?}, {} run(s){reason}",
+        case.expect,
+        settled.len()
+    ))
 }

@@ -1,0 +1,141 @@
+//! Scenario 7: a handler that never finishes (`hang`, on its first delivery) past a lowered
+//! `consumer_timeout` (5 s, checked every second, set at run time on the fault node and
+//! restored afterwards): the broker closes the consumer's channel, Warren subscribes again in
+//! the same session and keeps consuming, and the job is redelivered and completes. Meanwhile
+//! echo jobs keep arriving, 10 a second.
+//!
+//! Everything is seen from outside the worker: the broker lists a new consumer tag of the same
+//! process (Warren's tags are new for every subscription), the worker's connections are the
+//! ones it started with (one session), and the sink has the hanging job, run again by the same
+//! process. Recovery: the longest pause between two jobs recorded after the hang began.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::Session;
+use crate::fault::check::Ledger;
+use crate::fault::node::Node;
+use crate::fault::submit::{self, Plan};
+use crate::fault::{Report, Scenario, Settings, now_ms};
+use crate::procs::Pool;
+use crate::sink::Tally;
+
+pub async fn run(bin: &Path) -> anyhow::Result<Report> {
+    let s = Scenario::new(7, "consumer-timeout", vec![Node::single()], bin).await?;
+    let set = "application:set_env(rabbit, consumer_timeout, 5000), \
+               application:set_env(rabbit, channel_tick_interval, 1000).";
+    let restore = "application:set_env(rabbit, consumer_timeout, 1800000), \
+                   application:set_env(rabbit, channel_tick_interval, 60000).";
+    s.with_broker_settings(set, restore, scenario).await
+}
+
+async fn scenario(s: &Scenario) -> anyhow::Result<Report> {
+    let mut report = Report::new(7, s.name);
+    let settings = Settings {
+        concurrency: 4,
+        job_timeout: "5m",
+        shutdown_grace: "2s",
+        ..Settings::default()
+    };
+    let urls = s.urls();
+    let dispatcher = s.dispatcher(&settings, &urls).await?;
+    let mut pool = Pool::start(
+        vec![s.worker("w1", &settings, &urls)],
+        Duration::from_secs(60),
+    )
+    .await?;
+    let worker_pid = pool.procs[0].pid;
+    let session = Session::of(&s.node, worker_pid).await?;
+    let first_tags = s.node.consumer_tags(&s.vhost, &s.queue).await?;
+    anyhow::ensure!(
+        first_tags.len() == 1 && first_tags[0].contains(&format!(":{worker_pid} ")),
+        "expected the worker's one consumer, found {first_tags:?}"
+    );
+
+    let hang = s.jobs(1, "hang", &json!({}));
+    let hang_id = hang[0].id.clone().expect("id");
+    let (first, first_log) = submit::spawn(
+        dispatcher.clone(),
+        hang,
+        Plan::default(),
+        CancellationToken::new(),
+    );
+    tokio::time::timeout(Duration::from_secs(30), first)
+        .await
+        .context("submitting")??;
+    let hang_submitted = now_ms();
+    let echoes = s.jobs(300, "echo", &json!({}));
+    let plan = Plan {
+        rate: Some(10.0),
+        ..Plan::default()
+    };
+    let (submitting, log) =
+        submit::spawn(dispatcher.clone(), echoes, plan, CancellationToken::new());
+
+    // The broker ends the consumer: its tag goes, the worker's new one comes.
+    let until = Instant::now() + Duration::from_secs(90);
+    let new_tags = loop {
+        let tags = s.node.consumer_tags(&s.vhost, &s.queue).await?;
+        if !tags.is_empty() && tags.iter().all(|t| !first_tags.contains(t)) {
+            break tags;
+        }
+        anyhow::ensure!(
+            Instant::now() < until,
+            "the consumer was not replaced within 90 s (tags {tags:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    report.note(format!(
+        "the consumer was replaced {:.1}s after the hanging job was submitted",
+        now_ms().saturating_sub(hang_submitted) as f64 / 1000.0
+    ));
+    report.check(
+        new_tags.len() == 1 && new_tags[0].contains(&format!(":{worker_pid} ")),
+        format!("the new consumer is not the worker's one: {new_tags:?}"),
+    );
+    let until = Instant::now() + Duration::from_secs(60);
+    while !Tally::of(&s.sink.lines()).counts.contains_key(&hang_id) {
+        anyhow::ensure!(
+            Instant::now() < until,
+            "the hanging job was not redelivered and completed within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::timeout(Duration::from_secs(120), submitting)
+        .await
+        .context("submitting")??;
+    report.check(
+        pool.procs[0].exited().is_none(),
+        "the worker process exited",
+    );
+    session.check_unchanged(&s.node, &mut report).await?;
+    let last_tags = s.node.consumer_tags(&s.vhost, &s.queue).await?;
+    report.check(
+        last_tags == new_tags,
+        format!("the consumer changed again: {new_tags:?}, then {last_tags:?}"),
+    );
+    let mut ledger = Ledger::default();
+    ledger.add_dispatcher(&first_log.lock().expect("log"));
+    ledger.add_dispatcher(&log.lock().expect("log"));
+    s.finish(&mut pool, &ledger, &mut report, Duration::from_secs(60))
+        .await?;
+    let lines = s.sink.lines();
+    report.check(
+        lines.iter().all(|l| l.pid == worker_pid),
+        "a job was recorded by another process",
+    );
+    let mut recorded: Vec<u64> = lines
+        .iter()
+        .filter(|l| l.id != hang_id && l.recorded_ms >= hang_submitted)
+        .map(|l| l.recorded_ms)
+        .collect();
+    recorded.sort_unstable();
+    if let Some(pause) = recorded.windows(2).map(|w| w[1] - w[0]).max() {
+        report.recovery.push(pause as f64 / 1000.0);
+    }
+    Ok(report)
+}
