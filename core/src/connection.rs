@@ -15,9 +15,11 @@ use async_rs::Runtime;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use backon::{ExponentialBuilder, Retryable};
+use futures::StreamExt;
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::uri::AMQPUri;
-use lapin::{Connection, ConnectionProperties};
+use lapin::{Connection, ConnectionProperties, Event};
+use tokio::sync::watch;
 
 use crate::config::BrokerConfig;
 
@@ -156,6 +158,31 @@ impl Connector {
             }
         })
     }
+}
+
+/// Whether RabbitMQ currently blocks publishing on `connection` (a memory or disk alarm:
+/// `connection.blocked` / `connection.unblocked`), as a watch that a background task keeps
+/// up to date, logging each change, until the connection is gone.
+/// See <https://www.rabbitmq.com/docs/connection-blocked>.
+pub fn watch_blocked(connection: &Connection) -> watch::Receiver<bool> {
+    let (blocked_tx, blocked) = watch::channel(false);
+    let mut events = connection.events_listener();
+    tokio::spawn(async move {
+        while let Some(event) = events.next().await {
+            match event {
+                Event::ConnectionBlocked(reason) => {
+                    tracing::warn!(%reason, "RabbitMQ blocks publishing (resource alarm)");
+                    blocked_tx.send_replace(true);
+                }
+                Event::ConnectionUnblocked => {
+                    tracing::info!("RabbitMQ accepts publishing again");
+                    blocked_tx.send_replace(false);
+                }
+                _ => {}
+            }
+        }
+    });
+    blocked
 }
 
 /// Opens one connection named `name` (see [`Connector::connect`]).

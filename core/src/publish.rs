@@ -14,6 +14,7 @@ use std::time::Duration;
 use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation, PublisherConfirm};
+use tokio::sync::watch;
 
 /// Why a message is not known to be safely queued.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +85,37 @@ pub async fn publish(
     tokio::time::timeout(timeout, publish)
         .await
         .map_err(|_| PublishError::Timeout(timeout))?
+}
+
+/// Like [`publish`], but the deadline only runs while RabbitMQ does not block publishing
+/// (`blocked`, from [`crate::connection::watch_blocked`]): under a memory or disk alarm the
+/// broker is alive and answers once the alarm clears, however long that takes, and giving up
+/// then would only hand the message's job back to be run again. A publish still unanswered
+/// `timeout` after the block (if any) ended fails with [`PublishError::Timeout`].
+pub async fn publish_when_unblocked(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: ShortString,
+    body: &[u8],
+    properties: BasicProperties,
+    timeout: Duration,
+    blocked: &watch::Receiver<bool>,
+) -> Result<(), PublishError> {
+    let publish = async {
+        let pending = send(channel, exchange, routing_key, body, properties).await?;
+        pending.confirmed(Duration::MAX).await
+    };
+    tokio::pin!(publish);
+    loop {
+        tokio::select! {
+            result = &mut publish => return result,
+            () = tokio::time::sleep(timeout) => {
+                if !*blocked.borrow() {
+                    return Err(PublishError::Timeout(timeout));
+                }
+            }
+        }
+    }
 }
 
 /// A message sent and not yet confirmed.

@@ -11,11 +11,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use lapin::options::ConfirmSelectOptions;
-use lapin::{Channel, Connection, Event};
+use lapin::{Channel, Connection};
 use tokio::sync::{Mutex, watch};
-use warren_core::connection::{ConnectError, Connector};
+use warren_core::connection::{self, ConnectError, Connector};
 
 /// One connection and its confirm channel.
 #[derive(Clone)]
@@ -86,23 +85,7 @@ impl Links {
 
     async fn open(&self) -> Result<Link, LinkError> {
         let connection = self.connector.connect(&self.name).await?;
-        let (blocked_tx, blocked) = watch::channel(false);
-        let mut events = connection.events_listener();
-        tokio::spawn(async move {
-            while let Some(event) = events.next().await {
-                match event {
-                    Event::ConnectionBlocked(reason) => {
-                        tracing::warn!(%reason, "RabbitMQ blocks publishing (resource alarm)");
-                        blocked_tx.send_replace(true);
-                    }
-                    Event::ConnectionUnblocked => {
-                        tracing::info!("RabbitMQ accepts publishing again");
-                        blocked_tx.send_replace(false);
-                    }
-                    _ => {}
-                }
-            }
-        });
+        let blocked = connection::watch_blocked(&connection);
         let setup = async {
             let channel = connection.create_channel().await?;
             channel

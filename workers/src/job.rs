@@ -30,7 +30,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use lapin::message::Delivery;
 use lapin::{BasicProperties, Channel};
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio_util::sync::CancellationToken;
 use warren_core::config::QueueConfig;
 use warren_core::envelope::{self, DeadLetter, DeadReason, Job, PayloadError};
@@ -49,8 +49,11 @@ pub(crate) struct Shared {
     /// Written into dead letters (`x-warren-worker`).
     pub worker_id: String,
     pub max_payload_bytes: usize,
-    /// Deadline for a retry or dead-letter publish to be confirmed, and for an ack.
+    /// Deadline for a retry or dead-letter publish to be confirmed (counted while publishing
+    /// is not blocked), and for an ack.
     pub publish_timeout: Duration,
+    /// Whether RabbitMQ blocks the publishing connection (a resource alarm).
+    pub blocked: watch::Receiver<bool>,
     /// Cancelled when the publishing channel turns out to be dead, so that the worker
     /// reconnects instead of failing every job's next step.
     pub lost: CancellationToken,
@@ -134,9 +137,9 @@ impl Outcome {
 ///
 /// `slot` is the job's place among the worker's `concurrency`: it is given back as soon as the
 /// handler has returned, before the retry or dead letter is published. Publishing can take
-/// long (under a memory alarm RabbitMQ blocks publishers until the alarm clears, up to
-/// `broker.operation_timeout` here); failed jobs waiting for that must not keep good jobs from
-/// running.
+/// long (under a memory alarm RabbitMQ blocks publishers until the alarm clears, and the
+/// delivery waits for it: see [`crate::worker`] on prefetch while blocked); failed jobs waiting
+/// for that must not keep good jobs from running.
 pub(crate) async fn process(
     shared: &Shared,
     queue: &QueueRuntime,
@@ -343,13 +346,14 @@ async fn publish_copy(
 ) -> Result<(), PublishError> {
     // Queue names are validated to leave room for the delay prefix, so the key fits.
     let key = key.into();
-    publish::publish(
+    publish::publish_when_unblocked(
         &shared.publisher,
         exchange,
         key,
         &delivery.data,
         properties,
         shared.publish_timeout,
+        &shared.blocked,
     )
     .await
 }

@@ -42,12 +42,12 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use warren_core::config::Config;
-use warren_core::connection::{ConnectError, Connector};
+use warren_core::connection::{self, ConnectError, Connector};
 use warren_core::topology::{self, TopologyError};
 
 use crate::handler::Registry;
@@ -245,21 +245,28 @@ impl Process {
             publisher.confirm_select(ConfirmSelectOptions::default()),
         )
         .await?;
+        let blocked = connection::watch_blocked(&publishing);
         let shared = Arc::new(Shared {
             registry: self.registry.clone(),
             publisher,
             worker_id: self.worker_id.clone(),
             max_payload_bytes: self.config.jobs.max_payload_bytes,
             publish_timeout: timeout,
+            blocked: blocked.clone(),
             lost: CancellationToken::new(),
             stats: self.stats.clone(),
         });
 
-        let consumers = Mutex::new(Vec::new());
+        let consumers = Arc::new(Consumers {
+            list: Mutex::new(Vec::new()),
+            blocked,
+            prefetch: self.config.worker.prefetch(),
+        });
         let mut deliveries = SelectAll::new();
         for queue in &self.queues {
             deliveries.push(self.consume(&consuming, queue, &consumers).await?);
         }
+        let prefetch = tokio::spawn(consumers.clone().follow_blocking(timeout));
         *reconnect = reconnect_backoff();
         tracing::info!(
             worker = %self.worker_id,
@@ -333,8 +340,9 @@ impl Process {
         // The streams hold the settlers' handles: dropping them lets each settler end once its
         // last job task has handed its delivery over.
         drop(deliveries);
+        prefetch.abort();
         if ended.is_ok() {
-            let consumers = lock(&consumers).clone();
+            let consumers = lock(&consumers.list).clone();
             self.drain(&consumers).await;
         }
         let _ = tokio::time::timeout(timeout, consuming.close(200, "worker stopping".into())).await;
@@ -375,7 +383,7 @@ impl Process {
         &'a self,
         connection: &'a Connection,
         queue: Arc<QueueRuntime>,
-        consumers: &'a Mutex<Vec<(Channel, String)>>,
+        consumers: &'a Consumers,
     ) -> Deliveries<'a> {
         let subscribed = async move {
             let mut backoff = reconnect_backoff();
@@ -411,14 +419,11 @@ impl Process {
         &self,
         connection: &Connection,
         queue: &Arc<QueueRuntime>,
-        consumers: &Mutex<Vec<(Channel, String)>>,
+        consumers: &Consumers,
     ) -> Result<Deliveries<'a>, WorkerError> {
         let timeout = self.config.broker.operation_timeout;
         let channel = deadline(timeout, "opening a channel", connection.create_channel()).await?;
-        let qos = channel.basic_qos(
-            self.config.worker.prefetch(),
-            BasicQosOptions { global: false },
-        );
+        let qos = channel.basic_qos(consumers.prefetch(), BasicQosOptions { global: false });
         deadline(timeout, "setting prefetch", qos).await?;
         let tag = format!(
             "warren-worker {} {}",
@@ -445,7 +450,7 @@ impl Process {
             settler,
             ended: Arc::default(),
         };
-        lock(consumers).push((channel, tag));
+        lock(&consumers.list).push((channel, tag));
         // lapin ends the stream after a `basic.cancel` from the broker, and after the error of
         // a closed channel: either way an `Ended` comes last.
         let last = of.clone();
@@ -459,6 +464,68 @@ impl Process {
             ))
             .boxed();
         Ok(stream)
+    }
+}
+
+/// The consumers of a session: cancelled on shutdown, and their prefetch raised while RabbitMQ
+/// blocks publishing.
+///
+/// Under a memory or disk alarm, a failed job's retry or dead letter cannot be published until
+/// the alarm clears, and its delivery stays unacked until then (acking first could lose it).
+/// Each such delivery holds a place of its consumer's prefetch: with the usual prefetch a few
+/// failing jobs would fill it and stop the queue, good jobs included. So while publishing is
+/// blocked each consumer may take [`PARKED_ROOM`] more deliveries; handlers still run at most
+/// `concurrency` at once (the slots), and the prefetch returns to normal when the alarm clears.
+struct Consumers {
+    /// Each consumer's channel and tag.
+    list: Mutex<Vec<(Channel, String)>>,
+    /// Whether RabbitMQ blocks the publishing connection.
+    blocked: watch::Receiver<bool>,
+    /// `worker.prefetch`.
+    prefetch: u16,
+}
+
+/// How many more deliveries each consumer may hold while publishing is blocked: room for failed
+/// jobs waiting for their retry or dead letter to be published.
+const PARKED_ROOM: u16 = 256;
+
+impl Consumers {
+    /// The prefetch a consumer should have now.
+    fn prefetch(&self) -> u16 {
+        match *self.blocked.borrow() {
+            true => self.prefetch.saturating_add(PARKED_ROOM),
+            false => self.prefetch,
+        }
+    }
+
+    /// Sets every consumer's prefetch whenever publishing is blocked or unblocked, until the
+    /// publishing connection is gone.
+    async fn follow_blocking(self: Arc<Self>, timeout: Duration) {
+        let mut blocked = self.blocked.clone();
+        while blocked.changed().await.is_ok() {
+            let prefetch = self.prefetch();
+            let channels: Vec<Channel> = lock(&self.list).iter().map(|(c, _)| c.clone()).collect();
+            match *blocked.borrow() {
+                true => tracing::warn!(
+                    prefetch,
+                    "publishing blocked: failed jobs wait for their retry to be published; \
+                     each consumer may hold more deliveries meanwhile"
+                ),
+                false => tracing::info!(prefetch, "publishing unblocked; prefetch back to normal"),
+            }
+            for channel in channels.iter().filter(|c| c.status().connected()) {
+                let qos = channel.basic_qos(prefetch, BasicQosOptions { global: false });
+                match within(timeout, "setting prefetch", qos).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(err)) => {
+                        tracing::warn!(error = %err, "could not change a consumer's prefetch")
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "could not change a consumer's prefetch")
+                    }
+                }
+            }
+        }
     }
 }
 
