@@ -156,9 +156,9 @@ pub struct WorkerConfig {
     /// Handlers run at once by one process.
     pub concurrency: u16,
     /// Each consumer's prefetch (unacked deliveries the broker sends ahead); `None` means twice
-    /// `concurrency`. At least `concurrency`: the room above it keeps a queue moving while
-    /// failed jobs wait for their retry or dead letter to be confirmed (a memory alarm blocks
-    /// that publish for as long as it lasts, up to `broker.operation_timeout`).
+    /// `concurrency`. At least `concurrency`: the room above it keeps handlers busy while
+    /// finished jobs wait for their acks, retries or dead letters. (While a resource alarm
+    /// blocks publishing, workers raise it by 256 for failed jobs waiting for the alarm.)
     pub prefetch: Option<u16>,
     /// On SIGTERM/SIGINT, how long in-flight jobs may take to finish before the process exits
     /// anyway (what did not finish is redelivered by the broker).
