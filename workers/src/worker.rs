@@ -291,28 +291,11 @@ impl Process {
             let (queue, delivery) = match next {
                 Some(Event::Delivery(of, delivery)) => (of, delivery),
                 Some(Event::Ended(of, why)) => {
-                    if !consuming.status().connected() {
-                        break Err(why.map_or(WorkerError::ConnectionLost, |source| {
-                            WorkerError::Broker {
-                                what: format!("consuming `{}`", of.queue.name),
-                                source,
-                            }
-                        }));
+                    match self.consumer_ended(&consuming, shutdown, of, why, &consumers) {
+                        Ok(Some(again)) => deliveries.push(again),
+                        Ok(None) => {}
+                        Err(err) => break Err(err),
                     }
-                    // A closed channel ends its stream with the error, then `Ended(None)`.
-                    if shutdown.is_cancelled() || of.ended.swap(true, Ordering::Relaxed) {
-                        continue;
-                    }
-                    self.stats.consumer_restarts.fetch_add(1, Ordering::Relaxed);
-                    match &why {
-                        Some(err) => {
-                            tracing::warn!(queue = %of.queue.name, error = %err, "the broker closed the consumer's channel; subscribing again")
-                        }
-                        None => {
-                            tracing::warn!(queue = %of.queue.name, "the broker cancelled the consumer (queue deleted, or a consumer timeout); subscribing again")
-                        }
-                    }
-                    deliveries.push(self.resubscribe(&consuming, of.queue, &consumers));
                     continue;
                 }
                 Some(Event::Lost(err)) => break Err(err),
@@ -373,6 +356,42 @@ impl Process {
                 humantime::format_duration(grace)
             );
         }
+    }
+
+    /// A consumer's stream ended: the session ends if the connection is gone; otherwise the
+    /// broker cancelled the consumer or closed its channel, and it is subscribed again (the
+    /// returned stream), unless the worker is stopping or this end was already handled.
+    fn consumer_ended<'a>(
+        &'a self,
+        connection: &'a Connection,
+        shutdown: &CancellationToken,
+        of: ConsumerOf,
+        why: Option<lapin::Error>,
+        consumers: &'a Consumers,
+    ) -> Result<Option<Deliveries<'a>>, WorkerError> {
+        if !connection.status().connected() {
+            return Err(
+                why.map_or(WorkerError::ConnectionLost, |source| WorkerError::Broker {
+                    what: format!("consuming `{}`", of.queue.name),
+                    source,
+                }),
+            );
+        }
+        // A closed channel ends its stream with the error, then `Ended(None)`.
+        if shutdown.is_cancelled() || of.ended.swap(true, Ordering::Relaxed) {
+            return Ok(None);
+        }
+        self.stats.consumer_restarts.fetch_add(1, Ordering::Relaxed);
+        let queue = &of.queue.name;
+        match &why {
+            Some(err) => {
+                tracing::warn!(%queue, error = %err, "the broker closed the consumer's channel; subscribing again")
+            }
+            None => {
+                tracing::warn!(%queue, "the broker cancelled the consumer (queue deleted, or a consumer timeout); subscribing again")
+            }
+        }
+        Ok(Some(self.resubscribe(connection, of.queue, consumers)))
     }
 
     /// Subscribes to `queue` again after the broker ended its consumer: at once, then with
