@@ -35,6 +35,30 @@ pub struct QueueRow {
     pub name: String,
     pub ready: u64,
     pub unacked: u64,
+    /// All messages the queue holds: ready, unacked, and (quorum queues with at-least-once
+    /// dead-lettering) those dead-lettered but not yet accepted by their target, which neither
+    /// of the other two counts.
+    pub messages: u64,
+}
+
+impl QueueRow {
+    /// True while the queue holds anything at all.
+    pub fn busy(&self) -> bool {
+        self.ready > 0 || self.unacked > 0 || self.messages > 0
+    }
+
+    /// `name: N ready, N unacked, N held for dead-lettering`.
+    pub fn describe(&self) -> String {
+        let held = self.messages.saturating_sub(self.ready + self.unacked);
+        let mut text = format!(
+            "{}: {} ready, {} unacked",
+            self.name, self.ready, self.unacked
+        );
+        if held > 0 {
+            text.push_str(&format!(", {held} held for dead-lettering"));
+        }
+        text
+    }
 }
 
 pub async fn list_queues(node: &Node, vhost: &str) -> anyhow::Result<Vec<QueueRow>> {
@@ -47,19 +71,22 @@ pub async fn list_queues(node: &Node, vhost: &str) -> anyhow::Result<Vec<QueueRo
             "name",
             "messages_ready",
             "messages_unacknowledged",
+            "messages",
             "--no-table-headers",
         ])
         .await?;
     let mut rows = Vec::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let fields: Vec<&str> = line.split('\t').collect();
-        if fields.len() != 3 {
+        if fields.len() != 4 {
             bail!("unexpected list_queues line {line:?}");
         }
+        let count = |i: usize| fields[i].trim().parse().unwrap_or(u64::MAX);
         rows.push(QueueRow {
             name: fields[0].to_owned(),
-            ready: fields[1].trim().parse().unwrap_or(u64::MAX),
-            unacked: fields[2].trim().parse().unwrap_or(u64::MAX),
+            ready: count(1),
+            unacked: count(2),
+            messages: count(3),
         });
     }
     Ok(rows)
@@ -88,8 +115,9 @@ fn is_dead(name: &str) -> bool {
     name.ends_with(warren_core::topology::DEAD_SUFFIX)
 }
 
-/// Waits until every work and delay queue of `vhost` has 0 ready and 0 unacked, every id in
-/// `expect` is in the sink or could be among the dead letters, and the sink stopped growing.
+/// Waits until every work and delay queue of `vhost` holds nothing (0 ready, 0 unacked, 0 held
+/// for dead-lettering), every id in `expect` is in the sink or could be among the dead letters,
+/// and the sink stopped growing.
 pub async fn wait_settled(
     node: &Node,
     vhost: &str,
@@ -111,8 +139,8 @@ pub async fn wait_settled(
             Ok(rows) => {
                 let busy: Vec<String> = rows
                     .iter()
-                    .filter(|r| !is_dead(&r.name) && (r.ready > 0 || r.unacked > 0))
-                    .map(|r| format!("{} ready={} unacked={}", r.name, r.ready, r.unacked))
+                    .filter(|r| !is_dead(&r.name) && r.busy())
+                    .map(QueueRow::describe)
                     .collect();
                 let dead: u64 = rows
                     .iter()
@@ -137,8 +165,10 @@ pub async fn wait_settled(
     }
 }
 
-/// The stuck check: every non-dead queue (or every queue, with `all`) has 0 ready and 0
-/// unacked, and the unacked counts of the queues equal those of the channels. Returns the
+/// The stuck check: every non-dead queue (or every queue, with `all`) holds no message at all
+/// (ready, unacked, or held for at-least-once dead-lettering: a delay level whose expired
+/// messages never reach their work queue keeps them there, counted in neither of the first
+/// two), and the unacked counts of the queues equal those of the channels. Returns the
 /// problems found (empty = clean).
 ///
 /// Queue counters lag a little behind (quorum queues publish them every few seconds), so a
@@ -164,8 +194,8 @@ async fn stuck_once(node: &Node, vhost: &str, all: bool) -> anyhow::Result<Vec<S
     let by_channels = channels_unacked(node, vhost).await?;
     let mut problems: Vec<String> = rows
         .iter()
-        .filter(|r| (all || !is_dead(&r.name)) && (r.ready > 0 || r.unacked > 0))
-        .map(|r| format!("{}: {} ready, {} unacked", r.name, r.ready, r.unacked))
+        .filter(|r| (all || !is_dead(&r.name)) && r.busy())
+        .map(QueueRow::describe)
         .collect();
     let by_queues: u64 = rows.iter().map(|r| r.unacked).sum();
     if by_queues != by_channels {

@@ -35,28 +35,6 @@ const ALARM: Duration = Duration::from_secs(12);
 /// Good jobs that must be recorded while publishing is blocked.
 const MIN_GOOD_DURING: usize = 100;
 
-/// True while the node reports a memory alarm.
-async fn memory_alarm_on(node: &Node) -> anyhow::Result<bool> {
-    Ok(node
-        .eval("rabbit_alarm:get_alarms().")
-        .await?
-        .contains("memory"))
-}
-
-/// Polls `check` (every 200 ms) until it returns `want`, at most `deadline`.
-async fn wait_for_alarm(node: &Node, want: bool, deadline: Duration) -> anyhow::Result<()> {
-    let until = Instant::now() + deadline;
-    while memory_alarm_on(node).await? != want {
-        anyhow::ensure!(
-            Instant::now() < until,
-            "memory alarm still {} after {deadline:?}",
-            !want
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    Ok(())
-}
-
 pub async fn run(bin: &Path) -> anyhow::Result<Report> {
     let s = Scenario::new(6, "memory-alarm", vec![Node::single()], bin).await?;
     let mut report = Report::new(6, s.name);
@@ -195,4 +173,26 @@ pub async fn run(bin: &Path) -> anyhow::Result<Report> {
     s.judge_kinds(&mut report, &kinds, &ledger, &dead);
     s.cleanup().await;
     Ok(report)
+}
+
+/// True while the node reports a memory alarm.
+async fn memory_alarm_on(node: &Node) -> anyhow::Result<bool> {
+    Ok(node
+        .eval("rabbit_alarm:get_alarms().")
+        .await?
+        .contains("memory"))
+}
+
+/// Polls the alarm (every 200 ms) until it is `want`, at most `deadline`.
+async fn wait_for_alarm(node: &Node, want: bool, deadline: Duration) -> anyhow::Result<()> {
+    let until = Instant::now() + deadline;
+    while memory_alarm_on(node).await? != want {
+        anyhow::ensure!(
+            Instant::now() < until,
+            "memory alarm still {} after {deadline:?}",
+            !want
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
 }
