@@ -157,8 +157,17 @@ pub async fn run(bin: &Path) -> anyhow::Result<Report> {
             .count()
     };
     let (good_during, flaky_during) = (during("sleep"), during("flaky"));
+    // Per 2 s of the alarm: whether good jobs kept completing, or only before a stall.
+    let mut slices = vec![0usize; (release - alarm_on).div_ceil(2_000) as usize];
+    for line in lines.iter().filter(|l| {
+        l.recorded_ms >= alarm_on
+            && l.recorded_ms < release
+            && kinds.get(&l.id).is_some_and(|k| k == "sleep")
+    }) {
+        slices[((line.recorded_ms - alarm_on) / 2_000) as usize] += 1;
+    }
     report.note(format!(
-        "while publishing was blocked ({:.1}s): {good_during} good jobs recorded, {flaky_during} flaky ones",
+        "while publishing was blocked ({:.1}s): {good_during} good jobs recorded ({slices:?} per 2 s), {flaky_during} flaky ones",
         (release - alarm_on) as f64 / 1000.0
     ));
     report.check(
