@@ -116,9 +116,19 @@ impl Channels {
         if id == 0 {
             self.channel0.receive_method(method)
         } else {
-            self.get(id)
-                .map(|channel| channel.receive_method(method))
-                .unwrap_or_else(|| Err(ErrorKind::InvalidChannel(id).into()))
+            match self.get(id) {
+                Some(channel) => channel.receive_method(method),
+                // WARREN PATCH (see patches/PATCHED.md in Warren): a `channel.close` (or its
+                // `close-ok`) for a channel that is already closed and gone is stale, not a
+                // protocol violation worth the whole connection. RabbitMQ 3.x can send a
+                // second `channel.close` for an overdue delivery (its consumer-timeout check
+                // runs again on the next tick) after the client has answered the first one.
+                None if is_channel_close(&method) => {
+                    debug!(channel=%id, "ignoring a close of a channel already closed");
+                    Ok(())
+                }
+                None => Err(ErrorKind::InvalidChannel(id).into()),
+            }
         }
     }
 
@@ -403,4 +413,13 @@ impl Inner {
         }
         Err(ErrorKind::ChannelsLimitReached.into())
     }
+}
+
+/// WARREN PATCH: `channel.close` or `channel.close-ok`.
+fn is_channel_close(method: &AMQPClass) -> bool {
+    use crate::protocol::channel::AMQPMethod;
+    matches!(
+        method,
+        AMQPClass::Channel(AMQPMethod::Close(_) | AMQPMethod::CloseOk(_))
+    )
 }
