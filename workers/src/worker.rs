@@ -42,7 +42,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -245,7 +245,7 @@ impl Process {
             publisher.confirm_select(ConfirmSelectOptions::default()),
         )
         .await?;
-        let blocked = connection::watch_blocked(&publishing);
+        let mut blocked = connection::watch_blocked(&publishing);
         let shared = Arc::new(Shared {
             registry: self.registry.clone(),
             publisher,
@@ -257,16 +257,11 @@ impl Process {
             stats: self.stats.clone(),
         });
 
-        let consumers = Arc::new(Consumers {
-            list: Mutex::new(Vec::new()),
-            blocked,
-            prefetch: self.config.worker.prefetch(),
-        });
+        let consumers = Consumers::default();
         let mut deliveries = SelectAll::new();
         for queue in &self.queues {
             deliveries.push(self.consume(&consuming, queue, &consumers).await?);
         }
-        let prefetch = tokio::spawn(consumers.clone().follow_blocking(timeout));
         *reconnect = reconnect_backoff();
         tracing::info!(
             worker = %self.worker_id,
@@ -286,6 +281,11 @@ impl Process {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
                 _ = shared.lost.cancelled() => break Err(WorkerError::PublisherLost),
+                Ok(()) = blocked.changed() => {
+                    let now_blocked = *blocked.borrow_and_update();
+                    self.follow_blocking(now_blocked, &consuming, &consumers, &mut deliveries).await;
+                    continue;
+                }
                 next = deliveries.next() => next,
             };
             let (queue, delivery) = match next {
@@ -323,10 +323,8 @@ impl Process {
         // The streams hold the settlers' handles: dropping them lets each settler end once its
         // last job task has handed its delivery over.
         drop(deliveries);
-        prefetch.abort();
         if ended.is_ok() {
-            let consumers = lock(&consumers.list).clone();
-            self.drain(&consumers).await;
+            self.drain(&consumers.all()).await;
         }
         let _ = tokio::time::timeout(timeout, consuming.close(200, "worker stopping".into())).await;
         let _ =
@@ -358,6 +356,39 @@ impl Process {
         }
     }
 
+    /// Publishing was blocked or unblocked: each queue gets an overflow consumer while it is
+    /// blocked (see [`Consumers`]), cancelled when it is not.
+    async fn follow_blocking<'a>(
+        &'a self,
+        blocked: bool,
+        connection: &'a Connection,
+        consumers: &'a Consumers,
+        deliveries: &mut SelectAll<Deliveries<'a>>,
+    ) {
+        let timeout = self.config.broker.operation_timeout;
+        if !blocked {
+            tracing::info!("publishing unblocked; cancelling the overflow consumers");
+            for (channel, tag) in consumers.take_overflow() {
+                let cancel =
+                    channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+                let _ = tokio::time::timeout(timeout, cancel).await;
+            }
+            return;
+        }
+        tracing::warn!(
+            "publishing blocked (resource alarm): failed jobs wait for their retry to be \
+             published; an overflow consumer per queue keeps the queues moving meanwhile"
+        );
+        for queue in &self.queues {
+            match self.subscribe(connection, queue, consumers, true).await {
+                Ok(stream) => deliveries.push(stream),
+                Err(err) => {
+                    tracing::warn!(queue = %queue.name, error = %warren_core::error_chain(&err), "could not add an overflow consumer")
+                }
+            }
+        }
+    }
+
     /// A consumer's stream ended: the session ends if the connection is gone; otherwise the
     /// broker cancelled the consumer or closed its channel, and it is subscribed again (the
     /// returned stream), unless the worker is stopping or this end was already handled.
@@ -378,7 +409,7 @@ impl Process {
             );
         }
         // A closed channel ends its stream with the error, then `Ended(None)`.
-        if shutdown.is_cancelled() || of.ended.swap(true, Ordering::Relaxed) {
+        if shutdown.is_cancelled() || of.ended.swap(true, Ordering::Relaxed) || of.overflow {
             return Ok(None);
         }
         self.stats.consumer_restarts.fetch_add(1, Ordering::Relaxed);
@@ -431,18 +462,34 @@ impl Process {
         futures::stream::once(subscribed).flatten().boxed()
     }
 
-    /// Opens a channel with per-consumer prefetch and consumes `queue` under a unique tag; the
-    /// consumer is added to `consumers` (cancelled on shutdown). The stream ends with
-    /// [`Event::Ended`] when the broker ends the consumer.
+    /// Opens a channel with per-consumer prefetch (`worker.prefetch`) and consumes `queue` under
+    /// a unique tag; the consumer is added to `consumers` (cancelled on shutdown). The stream
+    /// ends with [`Event::Ended`] when the broker ends the consumer.
     async fn consume<'a>(
         &self,
         connection: &Connection,
         queue: &Arc<QueueRuntime>,
         consumers: &Consumers,
     ) -> Result<Deliveries<'a>, WorkerError> {
+        self.subscribe(connection, queue, consumers, false).await
+    }
+
+    /// [`Process::consume`], or with `overflow` a queue's overflow consumer (see [`Consumers`]).
+    /// The channel is closed once the consumer has ended and its last delivery is settled.
+    async fn subscribe<'a>(
+        &self,
+        connection: &Connection,
+        queue: &Arc<QueueRuntime>,
+        consumers: &Consumers,
+        overflow: bool,
+    ) -> Result<Deliveries<'a>, WorkerError> {
         let timeout = self.config.broker.operation_timeout;
         let channel = deadline(timeout, "opening a channel", connection.create_channel()).await?;
-        let qos = channel.basic_qos(consumers.prefetch(), BasicQosOptions { global: false });
+        let prefetch = match overflow {
+            true => PARKED_ROOM,
+            false => self.config.worker.prefetch(),
+        };
+        let qos = channel.basic_qos(prefetch, BasicQosOptions { global: false });
         deadline(timeout, "setting prefetch", qos).await?;
         let tag = format!(
             "warren-worker {} {}",
@@ -463,13 +510,26 @@ impl Process {
         )
         .await?;
         let (settler, settling) = Settler::new(self.stats.clone(), self.hook.clone(), timeout);
-        self.tracker.spawn(settling);
+        let settled_channel = channel.clone();
+        self.tracker.spawn(async move {
+            settling.await;
+            if settled_channel.status().connected() {
+                let close = settled_channel.close(200, "consumer ended".into());
+                let _ = tokio::time::timeout(timeout, close).await;
+            }
+        });
         let of = ConsumerOf {
             queue: queue.clone(),
             settler,
             ended: Arc::default(),
+            overflow,
         };
-        lock(&consumers.list).push((channel, tag));
+        lock(&consumers.list).push(Subscription {
+            channel,
+            tag,
+            ended: of.ended.clone(),
+            overflow,
+        });
         // lapin ends the stream after a `basic.cancel` from the broker, and after the error of
         // a closed channel: either way an `Ended` comes last.
         let last = of.clone();
@@ -486,65 +546,58 @@ impl Process {
     }
 }
 
-/// The consumers of a session: cancelled on shutdown, and their prefetch raised while RabbitMQ
-/// blocks publishing.
+/// The consumers of a session, cancelled on shutdown.
 ///
 /// Under a memory or disk alarm, a failed job's retry or dead letter cannot be published until
 /// the alarm clears, and its delivery stays unacked until then (acking first could lose it).
 /// Each such delivery holds a place of its consumer's prefetch: with the usual prefetch a few
-/// failing jobs would fill it and stop the queue, good jobs included. So while publishing is
-/// blocked each consumer may take [`PARKED_ROOM`] more deliveries; handlers still run at most
-/// `concurrency` at once (the slots), and the prefetch returns to normal when the alarm clears.
+/// failing jobs fill it and stop the queue, good jobs included. A consumer's prefetch cannot be
+/// raised once it consumes (RabbitMQ applies `basic.qos` to consumers started after it), so
+/// while publishing is blocked each queue gets an *overflow* consumer of its own, on its own
+/// channel, with a prefetch of [`PARKED_ROOM`]; handlers still run at most `concurrency` at
+/// once (the slots). When the alarm clears the overflow consumers are cancelled, and each
+/// channel is closed once its last delivery is settled.
+#[derive(Default)]
 struct Consumers {
-    /// Each consumer's channel and tag.
-    list: Mutex<Vec<(Channel, String)>>,
-    /// Whether RabbitMQ blocks the publishing connection.
-    blocked: watch::Receiver<bool>,
-    /// `worker.prefetch`.
-    prefetch: u16,
+    list: Mutex<Vec<Subscription>>,
 }
 
-/// How many more deliveries each consumer may hold while publishing is blocked: room for failed
-/// jobs waiting for their retry or dead letter to be published.
+/// One consumer of a session.
+struct Subscription {
+    channel: Channel,
+    tag: String,
+    /// The flag of its [`ConsumerOf`]: set when its end is handled (or before it is cancelled).
+    ended: Arc<AtomicBool>,
+    /// An overflow consumer, only while publishing is blocked.
+    overflow: bool,
+}
+
+/// The prefetch of a queue's overflow consumer while publishing is blocked: room for failed jobs
+/// waiting for their retry or dead letter to be published.
 const PARKED_ROOM: u16 = 256;
 
 impl Consumers {
-    /// The prefetch a consumer should have now.
-    fn prefetch(&self) -> u16 {
-        match *self.blocked.borrow() {
-            true => self.prefetch.saturating_add(PARKED_ROOM),
-            false => self.prefetch,
-        }
+    /// The consumers to cancel on shutdown.
+    fn all(&self) -> Vec<(Channel, String)> {
+        lock(&self.list)
+            .iter()
+            .map(|s| (s.channel.clone(), s.tag.clone()))
+            .collect()
     }
 
-    /// Sets every consumer's prefetch whenever publishing is blocked or unblocked, until the
-    /// publishing connection is gone.
-    async fn follow_blocking(self: Arc<Self>, timeout: Duration) {
-        let mut blocked = self.blocked.clone();
-        while blocked.changed().await.is_ok() {
-            let prefetch = self.prefetch();
-            let channels: Vec<Channel> = lock(&self.list).iter().map(|(c, _)| c.clone()).collect();
-            match *blocked.borrow() {
-                true => tracing::warn!(
-                    prefetch,
-                    "publishing blocked: failed jobs wait for their retry to be published; \
-                     each consumer may hold more deliveries meanwhile"
-                ),
-                false => tracing::info!(prefetch, "publishing unblocked; prefetch back to normal"),
-            }
-            for channel in channels.iter().filter(|c| c.status().connected()) {
-                let qos = channel.basic_qos(prefetch, BasicQosOptions { global: false });
-                match within(timeout, "setting prefetch", qos).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(err)) => {
-                        tracing::warn!(error = %err, "could not change a consumer's prefetch")
-                    }
-                    Err(err) => {
-                        tracing::warn!(error = %err, "could not change a consumer's prefetch")
-                    }
-                }
-            }
-        }
+    /// Removes the overflow consumers, marked as ended so that their end is not taken for a
+    /// cancel by the broker; returns them to be cancelled.
+    fn take_overflow(&self) -> Vec<(Channel, String)> {
+        let mut list = lock(&self.list);
+        let (overflow, normal): (Vec<_>, Vec<_>) = list.drain(..).partition(|s| s.overflow);
+        *list = normal;
+        overflow
+            .into_iter()
+            .map(|s| {
+                s.ended.store(true, Ordering::Relaxed);
+                (s.channel, s.tag)
+            })
+            .collect()
     }
 }
 
@@ -575,6 +628,8 @@ struct ConsumerOf {
     settler: Settler,
     /// Set once the consumer's end was handled (a closed channel reports it twice).
     ended: Arc<AtomicBool>,
+    /// An overflow consumer (see [`Consumers`]): never subscribed again when it ends.
+    overflow: bool,
 }
 
 /// The longest wait between two attempts to reach the broker or a queue.
