@@ -158,7 +158,8 @@ pub struct WorkerConfig {
     /// Each consumer's prefetch (unacked deliveries the broker sends ahead); `None` means twice
     /// `concurrency`. At least `concurrency`: the room above it keeps handlers busy while
     /// finished jobs wait for their acks, retries or dead letters. (While a resource alarm
-    /// blocks publishing, workers raise it by 256 for failed jobs waiting for the alarm.)
+    /// blocks publishing, each queue also gets an overflow consumer with a prefetch of 256, room
+    /// for failed jobs waiting for the alarm.)
     pub prefetch: Option<u16>,
     /// On SIGTERM/SIGINT, how long in-flight jobs may take to finish before the process exits
     /// anyway (what did not finish is redelivered by the broker).
