@@ -239,6 +239,19 @@ impl Scenario {
         Ok(Arc::new(dispatcher))
     }
 
+    /// The usual start of a scenario: a dispatcher that declared the queues, and one worker
+    /// process `w1`, both with `settings` on every node's address.
+    pub async fn dispatcher_and_worker(
+        &self,
+        settings: &Settings,
+    ) -> anyhow::Result<(Arc<Dispatcher>, Pool)> {
+        let urls = self.urls();
+        let dispatcher = self.dispatcher(settings, &urls).await?;
+        let worker = self.worker("w1", settings, &urls);
+        let pool = Pool::start(vec![worker], Duration::from_secs(60)).await?;
+        Ok((dispatcher, pool))
+    }
+
     /// `n` jobs of `kind` with `payload` for the scenario's queue, each with its own id.
     pub fn jobs(&self, n: usize, kind: &str, payload: &Value) -> Vec<NewJob> {
         self.jobs_for(&self.queue, n, kind, payload)

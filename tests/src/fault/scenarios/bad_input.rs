@@ -28,7 +28,6 @@ use crate::fault::check::{DeadMessage, Ledger};
 use crate::fault::node::Node;
 use crate::fault::submit::{self, Plan};
 use crate::fault::{Report, Scenario, Settings};
-use crate::procs::Pool;
 use crate::raw_amqp::{self, RawMessage, RawPublisher};
 use crate::sink::{Settlement, Tally};
 
@@ -499,13 +498,7 @@ async fn scenario(s: &Scenario) -> anyhow::Result<Report> {
         max_payload_bytes: MAX_PAYLOAD,
         ..Settings::default()
     };
-    let urls = s.urls();
-    let dispatcher = s.dispatcher(&settings, &urls).await?;
-    let mut pool = Pool::start(
-        vec![s.worker("w1", &settings, &urls)],
-        Duration::from_secs(60),
-    )
-    .await?;
+    let (dispatcher, mut pool) = s.dispatcher_and_worker(&settings).await?;
     let worker_pid = pool.procs[0].pid;
     let session = Session::of(&s.node, worker_pid).await?;
     let mut ledger = Ledger::default();

@@ -21,7 +21,6 @@ use crate::fault::check::Ledger;
 use crate::fault::node::Node;
 use crate::fault::submit::{self, Plan};
 use crate::fault::{Report, Scenario, Settings, now_ms};
-use crate::procs::Pool;
 use crate::sink::Tally;
 
 pub async fn run(bin: &Path) -> anyhow::Result<Report> {
@@ -41,13 +40,7 @@ async fn scenario(s: &Scenario) -> anyhow::Result<Report> {
         shutdown_grace: "2s",
         ..Settings::default()
     };
-    let urls = s.urls();
-    let dispatcher = s.dispatcher(&settings, &urls).await?;
-    let mut pool = Pool::start(
-        vec![s.worker("w1", &settings, &urls)],
-        Duration::from_secs(60),
-    )
-    .await?;
+    let (dispatcher, mut pool) = s.dispatcher_and_worker(&settings).await?;
     let worker_pid = pool.procs[0].pid;
     let session = Session::of(&s.node, worker_pid).await?;
     let first_tags = s.node.consumer_tags(&s.vhost, &s.queue).await?;

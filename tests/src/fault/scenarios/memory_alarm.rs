@@ -24,7 +24,6 @@ use crate::fault::check::{self, Ledger};
 use crate::fault::node::Node;
 use crate::fault::submit::{self, Plan};
 use crate::fault::{Report, Scenario, Settings, now_ms};
-use crate::procs::Pool;
 
 /// The worker's concurrency (its prefetch is Warren's default, twice that).
 const CONCURRENCY: u16 = 4;
@@ -43,13 +42,7 @@ pub async fn run(bin: &Path) -> anyhow::Result<Report> {
         concurrency: CONCURRENCY,
         ..Settings::default()
     };
-    let urls = s.urls();
-    let dispatcher = s.dispatcher(&settings, &urls).await?;
-    let mut pool = Pool::start(
-        vec![s.worker("w1", &settings, &urls)],
-        Duration::from_secs(60),
-    )
-    .await?;
+    let (dispatcher, mut pool) = s.dispatcher_and_worker(&settings).await?;
     // A backlog for the worker to chew on through the alarm, one job in ten `flaky`.
     let backlog = s.mixed_jobs(BACKLOG, 10, 10, 0);
     let mut kinds = check::kinds_of(&backlog);

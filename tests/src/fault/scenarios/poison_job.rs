@@ -23,7 +23,6 @@ use crate::fault::check::Ledger;
 use crate::fault::node::Node;
 use crate::fault::submit::{self, Plan};
 use crate::fault::{Report, Scenario, Settings};
-use crate::procs::Pool;
 use crate::sink::{Tally, recovery_ms};
 
 /// Runs the scenario with `concurrency` (and the same prefetch), reported as `label`.
@@ -43,13 +42,7 @@ pub async fn run(bin: &Path, label: &str, concurrency: u16) -> anyhow::Result<Re
         prefetch: Some(concurrency),
         ..Settings::default()
     };
-    let urls = s.urls();
-    let dispatcher = s.dispatcher(&settings, &urls).await?;
-    let pool = Pool::start(
-        vec![s.worker("w1", &settings, &urls)],
-        Duration::from_secs(60),
-    )
-    .await?;
+    let (dispatcher, pool) = s.dispatcher_and_worker(&settings).await?;
     let pool = Arc::new(Mutex::new(pool));
     let stop_supervisor = CancellationToken::new();
     let supervisor = tokio::spawn(crate::procs::supervise(

@@ -23,7 +23,6 @@ use crate::fault::check::Ledger;
 use crate::fault::node::Node;
 use crate::fault::submit::{self, Plan};
 use crate::fault::{Report, Scenario, Settings, now_ms};
-use crate::procs::Pool;
 use crate::sink::Sink;
 
 pub async fn run(bin: &Path) -> anyhow::Result<Report> {
@@ -33,13 +32,7 @@ pub async fn run(bin: &Path) -> anyhow::Result<Report> {
     s.queues = vec![a.clone(), b.clone()];
     let mut report = Report::new(9, s.name);
     let settings = Settings::default();
-    let urls = s.urls();
-    let dispatcher = s.dispatcher(&settings, &urls).await?;
-    let mut pool = Pool::start(
-        vec![s.worker("w1", &settings, &urls)],
-        Duration::from_secs(60),
-    )
-    .await?;
+    let (dispatcher, mut pool) = s.dispatcher_and_worker(&settings).await?;
     let pid = pool.procs[0].pid;
     let session = Session::of(&s.node, pid).await?;
     let first_tag_a = s.node.consumer_tags(&s.vhost, &a).await?;
