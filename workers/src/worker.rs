@@ -356,8 +356,8 @@ impl Process {
         }
     }
 
-    /// Publishing was blocked or unblocked: each queue gets an overflow consumer while it is
-    /// blocked (see [`Consumers`]), cancelled when it is not.
+    /// Publishing was blocked or unblocked: the first block of a session gives each queue an
+    /// overflow consumer (see [`Consumers`]), kept for the rest of the session.
     async fn follow_blocking<'a>(
         &'a self,
         blocked: bool,
@@ -365,14 +365,12 @@ impl Process {
         consumers: &'a Consumers,
         deliveries: &mut SelectAll<Deliveries<'a>>,
     ) {
-        let timeout = self.config.broker.operation_timeout;
         if !blocked {
-            tracing::info!("publishing unblocked; cancelling the overflow consumers");
-            for (channel, tag) in consumers.take_overflow() {
-                let cancel =
-                    channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
-                let _ = tokio::time::timeout(timeout, cancel).await;
-            }
+            tracing::info!("publishing unblocked");
+            return;
+        }
+        if consumers.has_overflow() {
+            tracing::warn!("publishing blocked again (resource alarm)");
             return;
         }
         tracing::warn!(
@@ -527,7 +525,6 @@ impl Process {
         lock(&consumers.list).push(Subscription {
             channel,
             tag,
-            ended: of.ended.clone(),
             overflow,
         });
         // lapin ends the stream after a `basic.cancel` from the broker, and after the error of
@@ -555,8 +552,9 @@ impl Process {
 /// raised once it consumes (RabbitMQ applies `basic.qos` to consumers started after it), so
 /// while publishing is blocked each queue gets an *overflow* consumer of its own, on its own
 /// channel, with a prefetch of [`PARKED_ROOM`]; handlers still run at most `concurrency` at
-/// once (the slots). When the alarm clears the overflow consumers are cancelled, and each
-/// channel is closed once its last delivery is settled.
+/// once (the slots). The overflow consumers stay until the session ends: cancelling one makes
+/// RabbitMQ 3.10 hand its unacked deliveries to the queue again, and the jobs whose retries were
+/// waiting for the alarm would run twice (fault scenario 6 saw 223 such duplicates).
 #[derive(Default)]
 struct Consumers {
     list: Mutex<Vec<Subscription>>,
@@ -566,8 +564,6 @@ struct Consumers {
 struct Subscription {
     channel: Channel,
     tag: String,
-    /// The flag of its [`ConsumerOf`]: set when its end is handled (or before it is cancelled).
-    ended: Arc<AtomicBool>,
     /// An overflow consumer, only while publishing is blocked.
     overflow: bool,
 }
@@ -585,19 +581,9 @@ impl Consumers {
             .collect()
     }
 
-    /// Removes the overflow consumers, marked as ended so that their end is not taken for a
-    /// cancel by the broker; returns them to be cancelled.
-    fn take_overflow(&self) -> Vec<(Channel, String)> {
-        let mut list = lock(&self.list);
-        let (overflow, normal): (Vec<_>, Vec<_>) = list.drain(..).partition(|s| s.overflow);
-        *list = normal;
-        overflow
-            .into_iter()
-            .map(|s| {
-                s.ended.store(true, Ordering::Relaxed);
-                (s.channel, s.tag)
-            })
-            .collect()
+    /// Whether the overflow consumers were added already.
+    fn has_overflow(&self) -> bool {
+        lock(&self.list).iter().any(|s| s.overflow)
     }
 }
 
