@@ -106,7 +106,18 @@ pub async fn publish_when_unblocked(
         pending.confirmed(Duration::MAX).await
     };
     tokio::pin!(publish);
+    let mut blocked = blocked.clone();
     loop {
+        // Wait out a block (at once if there is none).
+        let unblocked = blocked.wait_for(|is_blocked| !is_blocked);
+        tokio::select! {
+            result = &mut publish => return result,
+            watched = unblocked => if watched.is_err() {
+                // The connection's watch is gone: a plain deadline from here.
+                break;
+            },
+        }
+        // A whole `timeout` from the moment publishing is allowed, unless a new block starts.
         tokio::select! {
             result = &mut publish => return result,
             () = tokio::time::sleep(timeout) => {
@@ -116,6 +127,9 @@ pub async fn publish_when_unblocked(
             }
         }
     }
+    tokio::time::timeout(timeout, publish)
+        .await
+        .map_err(|_| PublishError::Timeout(timeout))?
 }
 
 /// A message sent and not yet confirmed.
