@@ -77,9 +77,10 @@ pub async fn publish(
     timeout: Duration,
 ) -> Result<(), PublishError> {
     let publish = async {
+        // The one deadline is the one around both steps.
         send(channel, exchange, routing_key, body, properties)
             .await?
-            .confirmed(timeout)
+            .confirmed(Duration::MAX)
             .await
     };
     tokio::time::timeout(timeout, publish)
