@@ -347,13 +347,15 @@ impl Config {
     pub fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
         for (name, queue) in &self.queues {
-            if queue.job_timeout >= BROKER_CONSUMER_TIMEOUT {
+            let consumer_timeout = self.consumer_timeout(&[name.as_str()]);
+            if consumer_timeout >= BROKER_CONSUMER_TIMEOUT {
                 warnings.push(format!(
-                    "{}: queues.{name}.job_timeout ({}) is not below RabbitMQ's default \
-                     consumer_timeout (30m): the broker may close the channel of a job running \
-                     that long; raise consumer_timeout in rabbitmq.conf",
+                    "{}: queues.{name}: a worker asks RabbitMQ for a consumer timeout of {} \
+                     (x-consumer-timeout, from job_timeout); RabbitMQ 4.x honours it, but 3.10 \
+                     ignores it and applies its broker-wide consumer_timeout (30m by default): \
+                     on 3.10 raise consumer_timeout in rabbitmq.conf above it",
                     self.source,
-                    humantime::format_duration(queue.job_timeout)
+                    humantime::format_duration(consumer_timeout)
                 ));
             }
             if queue.queue_type == QueueType::Classic {
@@ -370,6 +372,33 @@ impl Config {
     }
 
     /// The settings of one queue: its own section, or `[queue_defaults]`.
+    /// The consumer timeout a worker consuming `queues` asks RabbitMQ for on the consumer of
+    /// `queues[0]` (`x-consumer-timeout`; RabbitMQ 3.12 and 4.x honour it, 3.10 ignores it).
+    ///
+    /// Long enough that Warren's own `job_timeout` always acts first, so the broker's is a last
+    /// resort (a handler that blocks its thread and cannot be stopped): the broker counts from
+    /// the delivery, and a delivery can wait in the prefetch buffer for a free slot behind
+    /// `prefetch` deliveries of every consumed queue, each running up to its `job_timeout`; then
+    /// it runs up to its own `job_timeout`, and its retry or dead letter has `operation_timeout`
+    /// to be confirmed.
+    pub fn consumer_timeout(&self, queues: &[&str]) -> Duration {
+        let Some(own) = queues.first() else {
+            return BROKER_CONSUMER_TIMEOUT;
+        };
+        let longest = queues
+            .iter()
+            .map(|q| self.queue(q).job_timeout)
+            .max()
+            .unwrap_or_default();
+        let waiting = usize::from(self.worker.prefetch()) * queues.len();
+        let concurrency = usize::from(self.worker.concurrency.max(1));
+        let rounds = u32::try_from(waiting.div_ceil(concurrency)).unwrap_or(u32::MAX);
+        longest
+            .saturating_mul(rounds)
+            .saturating_add(self.queue(own).job_timeout)
+            .saturating_add(self.broker.operation_timeout)
+    }
+
     pub fn queue(&self, name: &str) -> QueueConfig {
         self.queues
             .get(name)
@@ -640,10 +669,35 @@ mod tests {
         let warnings = config.warnings();
         assert_eq!(warnings.len(), 2, "{warnings:?}");
         assert!(
-            warnings[0].contains("queues.long.job_timeout")
+            warnings[0].contains("queues.long:")
+                && warnings[0].contains("3.10")
                 && warnings[0].contains("consumer_timeout")
         );
         assert!(warnings[1].contains("queues.old") && warnings[1].contains("at-most-once"));
+    }
+
+    #[test]
+    fn the_consumer_timeout_leaves_room_for_waiting_running_and_settling() {
+        let config = Config::from_toml(
+            "[broker]\noperation_timeout = \"30s\"\n[worker]\nconcurrency = 4\nprefetch = 6\n\
+             [queues.slow]\njob_timeout = \"10m\"\n[queues.fast]\njob_timeout = \"1m\"\n",
+        )
+        .expect("parses");
+        let minutes = |m: u64| Duration::from_secs(m * 60);
+        // Alone: 6 buffered deliveries need 2 rounds of 4 slots, then its own run, then 30 s.
+        assert_eq!(
+            config.consumer_timeout(&["fast"]),
+            minutes(2) + minutes(1) + Duration::from_secs(30)
+        );
+        // Beside `slow`: 12 deliveries ahead at most, 3 rounds of the longest job_timeout.
+        assert_eq!(
+            config.consumer_timeout(&["fast", "slow"]),
+            minutes(30) + minutes(1) + Duration::from_secs(30)
+        );
+        // Warren's own job_timeout always comes first.
+        let defaults = Config::default();
+        assert!(defaults.consumer_timeout(&["q"]) > defaults.queue("q").job_timeout);
+        assert!(defaults.consumer_timeout(&["q"]) < BROKER_CONSUMER_TIMEOUT);
     }
 
     #[test]

@@ -50,6 +50,10 @@ pub const FAILED_AT: &str = "x-warren-failed-at";
 pub const WORKER: &str = "x-warren-worker";
 /// Dead-letter header: the work queue it came from.
 pub const QUEUE: &str = "x-warren-queue";
+/// Set by RabbitMQ 4.x quorum queues on a redelivery: earlier deliveries of the message.
+pub const ACQUIRED_COUNT: &str = "x-acquired-count";
+/// Set by quorum queues on a redelivery: earlier returns that count towards the delivery limit.
+pub const DELIVERY_COUNT: &str = "x-delivery-count";
 
 /// Headers of a delivery that its copies (retries, dead letters) carry over, if their value is
 /// a string or number of at most [`MAX_CARRIED_VALUE_BYTES`]: the documented producer input
@@ -297,6 +301,27 @@ fn is_json(content_type: &str) -> bool {
 
 /// Reads [`ATTEMPT`]: absent means 1 (a job from a plain AMQP client); anything but a
 /// positive integer is an error.
+/// How many times the broker delivered this message before this delivery, as far as it says:
+/// RabbitMQ 4.x's `x-acquired-count` counts every earlier delivery (consumer timeouts and
+/// requeues included, which its delivery limit no longer counts); 3.x's `x-delivery-count`
+/// counts returns, which on 3.x include consumer timeouts. 0 for a first delivery, and when the
+/// broker tells nothing (classic queues). Read only on a redelivery: on a first delivery these
+/// headers can only be a producer's.
+pub fn earlier_deliveries(properties: &BasicProperties, redelivered: bool) -> u64 {
+    if !redelivered {
+        return 0;
+    }
+    let Some(headers) = properties.headers() else {
+        return 0;
+    };
+    [ACQUIRED_COUNT, DELIVERY_COUNT]
+        .iter()
+        .filter_map(|key| headers.inner().get(*key).and_then(integer))
+        .filter_map(|n| u64::try_from(n).ok())
+        .max()
+        .unwrap_or(0)
+}
+
 fn attempt(headers: Option<&FieldTable>) -> Result<u32, DecodeError> {
     let Some(value) = headers.and_then(|h| h.inner().get(ATTEMPT)) else {
         return Ok(1);
@@ -373,6 +398,9 @@ pub enum DeadReason {
     Malformed,
     /// No handler is registered for the job's kind.
     UnknownKind,
+    /// Delivered more than `delivery_limit` times without being settled: each run ended with
+    /// its worker (a crash, a kill) or was taken back by the broker's consumer timeout.
+    DeliveryLimit,
 }
 
 impl DeadReason {
@@ -383,6 +411,7 @@ impl DeadReason {
             DeadReason::Exhausted => "exhausted",
             DeadReason::Malformed => "malformed",
             DeadReason::UnknownKind => "unknown-kind",
+            DeadReason::DeliveryLimit => "delivery-limit",
         }
     }
 }
@@ -565,6 +594,37 @@ mod tests {
             message.properties.headers().is_none(),
             "a new job carries no header table (attempt 1 is implied)"
         );
+    }
+
+    #[test]
+    fn earlier_deliveries_come_from_the_broker_only_on_a_redelivery() {
+        let with = |pairs: &[(&str, AMQPValue)]| {
+            let mut headers = FieldTable::default();
+            for (key, value) in pairs {
+                headers.insert((*key).into(), value.clone());
+            }
+            BasicProperties::default().with_headers(headers)
+        };
+        // RabbitMQ 4.x after two consumer timeouts: acquired twice, never returned.
+        let timed_out = with(&[(ACQUIRED_COUNT, AMQPValue::LongLongInt(2))]);
+        assert_eq!(earlier_deliveries(&timed_out, true), 2);
+        // 3.x after three crashes.
+        let crashed = with(&[(DELIVERY_COUNT, AMQPValue::LongLongInt(3))]);
+        assert_eq!(earlier_deliveries(&crashed, true), 3);
+        // Both: the larger.
+        let both = with(&[
+            (ACQUIRED_COUNT, AMQPValue::LongLongInt(5)),
+            (DELIVERY_COUNT, AMQPValue::LongLongInt(1)),
+        ]);
+        assert_eq!(earlier_deliveries(&both, true), 5);
+        // A producer's forgery on a first delivery, junk, negative numbers: 0.
+        assert_eq!(earlier_deliveries(&both, false), 0);
+        let junk = with(&[
+            (ACQUIRED_COUNT, AMQPValue::LongString("99".into())),
+            (DELIVERY_COUNT, AMQPValue::LongLongInt(-4)),
+        ]);
+        assert_eq!(earlier_deliveries(&junk, true), 0);
+        assert_eq!(earlier_deliveries(&BasicProperties::default(), true), 0);
     }
 
     #[test]

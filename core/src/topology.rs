@@ -442,6 +442,20 @@ pub fn short(name: &str) -> Result<ShortString, NameError> {
     ShortString::try_new(name).map_err(|_| NameError::Length(name.len()))
 }
 
+/// The arguments of a worker's consumer: `x-consumer-timeout` in milliseconds, the longest a
+/// delivery may stay unacked before the broker takes it back (see
+/// [`crate::config::Config::consumer_timeout`]). RabbitMQ 4.x answers an overdue delivery with
+/// `basic.cancel` and returns it to the queue; 3.12+ honours the argument too; 3.10 ignores it
+/// and closes the channel after its broker-wide `consumer_timeout` instead.
+pub fn consumer_arguments(timeout: std::time::Duration) -> FieldTable {
+    let mut args = Arguments(FieldTable::default());
+    args.long(
+        "x-consumer-timeout",
+        i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX),
+    );
+    args.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -75,6 +75,9 @@ pub(crate) struct Stats {
     /// Consumers the broker cancelled (queue deleted, consumer timeout on RabbitMQ 4.x) or
     /// whose channel it closed; each was subscribed again.
     pub consumer_restarts: AtomicU64,
+    /// Runs stopped, or results discarded, because the broker ended their consumer and took
+    /// the delivery back: no retry or dead letter was published for them.
+    pub taken_back: AtomicU64,
 }
 
 impl Stats {
@@ -84,6 +87,7 @@ impl Stats {
             Outcome::Retried => &self.retried,
             Outcome::DeadLettered => &self.dead_lettered,
             Outcome::Requeued => &self.requeued,
+            Outcome::TakenBack => &self.taken_back,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -94,13 +98,14 @@ impl std::fmt::Display for Stats {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         write!(
             f,
-            "{} done, {} retries scheduled, {} dead-lettered, {} requeued ({} acks lost with their channel), {} consumers restarted",
+            "{} done, {} retries scheduled, {} dead-lettered, {} requeued ({} acks lost with their channel), {} consumers restarted, {} runs taken back by the broker",
             get(&self.done),
             get(&self.retried),
             get(&self.dead_lettered),
             get(&self.requeued),
             get(&self.acks_lost),
-            get(&self.consumer_restarts)
+            get(&self.consumer_restarts),
+            get(&self.taken_back)
         )
     }
 }
@@ -109,6 +114,9 @@ impl std::fmt::Display for Stats {
 pub(crate) struct QueueRuntime {
     pub name: Arc<str>,
     pub config: QueueConfig,
+    /// What each consumer asks the broker for as `x-consumer-timeout`
+    /// ([`warren_core::config::Config::consumer_timeout`]).
+    pub consumer_timeout: Duration,
 }
 
 /// How a job ended, for the log line.
@@ -119,6 +127,9 @@ pub(crate) enum Outcome {
     DeadLettered,
     /// Handed back to the broker to be delivered again (settling failed).
     Requeued,
+    /// The broker ended the job's consumer (a consumer timeout, a closed channel) and took the
+    /// delivery back: the run was stopped, or its result discarded, and nothing was published.
+    TakenBack,
 }
 
 impl Outcome {
@@ -128,6 +139,7 @@ impl Outcome {
             Outcome::Retried => "retry scheduled",
             Outcome::DeadLettered => "dead-lettered",
             Outcome::Requeued => "requeued",
+            Outcome::TakenBack => "taken back",
         }
     }
 }
@@ -146,9 +158,10 @@ pub(crate) async fn process(
     settler: &Settler,
     delivery: Delivery,
     slot: OwnedSemaphorePermit,
+    taken_back: &CancellationToken,
 ) {
     let started = Instant::now();
-    let (settle, outcome, attempt) = run(shared, queue, &delivery, slot).await;
+    let (settle, outcome, attempt) = run(shared, queue, &delivery, slot, taken_back).await;
     log_outcome(outcome, &delivery.properties, attempt, started);
     let id = match settler.keeps_ids() {
         true => delivery.properties.message_id().clone(),
@@ -170,6 +183,7 @@ async fn run(
     queue: &QueueRuntime,
     delivery: &Delivery,
     slot: OwnedSemaphorePermit,
+    taken_back: &CancellationToken,
 ) -> (Settle, Outcome, u32) {
     let body = &delivery.data;
     let job = match Job::decode(&delivery.properties, body, shared.max_payload_bytes) {
@@ -179,6 +193,26 @@ async fn run(
             return malformed(shared, queue, delivery, err.to_string()).await;
         }
     };
+    let earlier = envelope::earlier_deliveries(&delivery.properties, delivery.redelivered);
+    if earlier > u64::from(queue.config.delivery_limit) {
+        drop(slot);
+        let reason = format!(
+            "delivered {} times without being settled: every run ended with its worker (a crash \
+             or a kill) or overran the broker's consumer timeout (queue delivery_limit {})",
+            earlier + 1,
+            queue.config.delivery_limit
+        );
+        tracing::warn!(job = %job.id, "{reason}; dead-lettering it");
+        let dead = dead_letter(
+            shared,
+            queue,
+            DeadReason::DeliveryLimit,
+            reason,
+            job.attempt,
+        );
+        let (settle, outcome) = dead_letter_and_ack(shared, queue, delivery, dead).await;
+        return (settle, outcome, job.attempt);
+    }
     let Some(start) = shared.registry.get(&job.kind) else {
         drop(slot);
         // A body that is not JSON is malformed whatever its kind (docs/PROTOCOL.md §5).
@@ -208,13 +242,21 @@ async fn run(
     let result = match std::panic::catch_unwind(AssertUnwindSafe(|| start(body, ctx))) {
         Ok(Ok(running)) => {
             let running = AssertUnwindSafe(running).catch_unwind();
-            match tokio::time::timeout(queue.config.job_timeout, running).await {
-                Err(_) => Err(JobError::retry(format!(
-                    "timed out after {}",
-                    humantime::format_duration(queue.config.job_timeout)
-                ))),
-                Ok(Err(panic)) => Err(panicked(&*panic)),
-                Ok(Ok(result)) => result,
+            let limited = tokio::time::timeout(queue.config.job_timeout, running);
+            tokio::select! {
+                biased;
+                () = taken_back.cancelled() => {
+                    drop(slot);
+                    return (Settle::Requeue, taken_back_from(queue, "stopped its run"), attempt);
+                }
+                limited = limited => match limited {
+                    Err(_) => Err(JobError::retry(format!(
+                        "timed out after {}",
+                        humantime::format_duration(queue.config.job_timeout)
+                    ))),
+                    Ok(Err(panic)) => Err(panicked(&*panic)),
+                    Ok(Ok(result)) => result,
+                },
             }
         }
         Ok(Err(err @ PayloadError::NotJson(_))) => {
@@ -225,8 +267,26 @@ async fn run(
         Err(panic) => Err(panicked(&*panic)),
     };
     drop(slot);
+    // A handler that blocked its thread could not be stopped: its result comes too late.
+    if taken_back.is_cancelled() {
+        let outcome = taken_back_from(queue, "discarded the result of its run");
+        return (Settle::Requeue, outcome, attempt);
+    }
     let (settle, outcome) = settle(shared, queue, delivery, attempt, result).await;
     (settle, outcome, attempt)
+}
+
+/// The broker ended the consumer of this delivery (its consumer timeout, or its channel closed)
+/// and has taken the delivery back, or will once it is handed back: it is delivered again, so
+/// publishing a retry or dead letter for this run would make a second copy of the job.
+/// Settled as a requeue (ignored by the broker for a delivery it already took back).
+fn taken_back_from(queue: &QueueRuntime, what: &str) -> Outcome {
+    tracing::warn!(
+        queue = %queue.name,
+        "the broker ended this job's consumer and takes the delivery back; Warren {what} and \
+         publishes nothing for it: the job will be delivered again"
+    );
+    Outcome::TakenBack
 }
 
 /// A message that is not a job: dead-lettered with the reason, never retried (attempts 0).

@@ -40,7 +40,6 @@ use lapin::message::Delivery;
 use lapin::options::{
     BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
 };
-use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -165,9 +164,13 @@ impl Worker {
                 .queues
                 .iter()
                 .map(|name| {
+                    // This queue first, then the others it shares the worker's slots with.
+                    let mut consumed = vec![name.as_str()];
+                    consumed.extend(self.queues.iter().map(String::as_str).filter(|q| q != name));
                     Arc::new(QueueRuntime {
                         name: name.as_str().into(),
                         config: self.config.queue(name),
+                        consumer_timeout: self.config.consumer_timeout(&consumed),
                     })
                 })
                 .collect(),
@@ -313,6 +316,7 @@ impl Process {
                         &queue.settler,
                         delivery,
                         slot,
+                        &queue.taken_back,
                     ))
                     .await;
                 }
@@ -406,8 +410,14 @@ impl Process {
                 }),
             );
         }
+        if shutdown.is_cancelled() {
+            return Ok(None);
+        }
+        // The broker takes back what this consumer had not settled (a closed channel: all of
+        // it; a consumer timeout: the overdue delivery, and the others are handed back too).
+        of.taken_back.cancel();
         // A closed channel ends its stream with the error, then `Ended(None)`.
-        if shutdown.is_cancelled() || of.ended.swap(true, Ordering::Relaxed) || of.overflow {
+        if of.ended.swap(true, Ordering::Relaxed) || of.overflow {
             return Ok(None);
         }
         self.stats.consumer_restarts.fetch_add(1, Ordering::Relaxed);
@@ -499,7 +509,7 @@ impl Process {
             (*queue.name).into(),
             tag.as_str().into(),
             options,
-            FieldTable::default(),
+            topology::consumer_arguments(queue.consumer_timeout),
         );
         let consumer = deadline(
             timeout,
@@ -520,6 +530,7 @@ impl Process {
             queue: queue.clone(),
             settler,
             ended: Arc::default(),
+            taken_back: CancellationToken::new(),
             overflow,
         };
         lock(&consumers.list).push(Subscription {
@@ -614,6 +625,9 @@ struct ConsumerOf {
     settler: Settler,
     /// Set once the consumer's end was handled (a closed channel reports it twice).
     ended: Arc<AtomicBool>,
+    /// Cancelled when the broker ends the consumer: its jobs still running are stopped and
+    /// publish nothing (see [`job::process`]).
+    taken_back: CancellationToken,
     /// An overflow consumer (see [`Consumers`]): never subscribed again when it ends.
     overflow: bool,
 }
