@@ -4,11 +4,16 @@
 //! 1. **Decode** the message ([`Job::decode`]). A message that is not a job (no id, no kind, a
 //!    spoofed attempt header, a body that is not JSON, ...) is poison: dead-lettered with the
 //!    reason, never retried.
-//! 2. **Look up** the handler for the job's kind; an unknown kind is dead-lettered.
-//! 3. **Run** the handler under the queue's `job_timeout`, catching panics, on the payload
+//! 2. **Count** deliveries: a job the broker delivered more than `delivery_limit` times before
+//!    ([`envelope::earlier_deliveries`]: every run ended with its worker, or overran the broker's
+//!    consumer timeout, which RabbitMQ 4.x no longer counts itself) is dead-lettered.
+//! 3. **Look up** the handler for the job's kind; an unknown kind is dead-lettered.
+//! 4. **Run** the handler under the queue's `job_timeout`, catching panics, on the payload
 //!    read as the handler's type (a payload that does not fit it is a permanent failure). An
-//!    overrun or a panic is a retryable failure.
-//! 4. **Settle**, always acking last, once what replaces the delivery is safely queued:
+//!    overrun or a panic is a retryable failure. If the broker ends the job's consumer
+//!    meanwhile, the run is *taken back*: stopped (or its late result discarded), nothing
+//!    published, the delivery handed back; the broker delivers the job again.
+//! 5. **Settle**, always acking last, once what replaces the delivery is safely queued:
 //!    - done: ack;
 //!    - retryable with attempts left: publish a copy with `attempt + 1` into the delay
 //!      queues ([`warren_core::topology::delay_route`]), wait for its confirm, ack;
@@ -16,7 +21,7 @@
 //!      `<queue>.dead`, wait for its confirm, ack.
 //!
 //! If the replacement cannot be published, the delivery is rejected back to its queue
-//! (`nack` with requeue) so the broker redelivers it: nothing is lost, at worst run again.
+//! (`basic.reject` with requeue, which RabbitMQ 4.x counts towards the delivery limit) so the broker redelivers it: nothing is lost, at worst run again.
 //! The ack or nack itself is sent by the channel's [`Settler`], which acks runs of finished
 //! deliveries with one `multiple` ack ([`crate::settle`]). If the channel is gone by then, the
 //! broker redelivers the job by itself; the settler counts that as an ack lost.

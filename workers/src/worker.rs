@@ -14,10 +14,13 @@
 //!    the acks, batching runs of finished deliveries into one `multiple` ack
 //!    ([`crate::settle`]).
 //!
-//! A consumer the broker ends — its channel closed (consumer timeout on 3.x), or a
-//! `basic.cancel` (its queue deleted, or a consumer timeout on 4.x) — is subscribed again within
-//! the session, on a new channel, with backoff while its queue is missing: it is logged and
-//! counted, and the other queues go on meanwhile. A queue is never left silently unconsumed.
+//! Each consumer asks for `x-consumer-timeout` ([`warren_core::config::Config::consumer_timeout`],
+//! longer than anything Warren's own `job_timeout` lets a delivery take). A consumer the broker
+//! ends — its channel closed (consumer timeout on 3.x), or a `basic.cancel` (its queue deleted,
+//! or a consumer timeout on 4.x) — is subscribed again within the session, on a new channel,
+//! with backoff while its queue is missing: it is logged and counted, and the other queues go
+//! on meanwhile. A queue is never left silently unconsumed. The ended consumer's jobs still
+//! running are taken back ([`crate::job`]): stopped, nothing published for them.
 //! A lost connection ends the session: the loop reconnects with exponential backoff
 //! (trying every configured address) and starts a new one. Jobs still running from the old
 //! session finish, but their acks cannot reach the broker any more (lapin returns `Ok(false)`,
@@ -271,6 +274,11 @@ impl Process {
             queues = ?self.queues.iter().map(|q| &*q.name).collect::<Vec<_>>(),
             concurrency = self.config.worker.concurrency,
             kinds = ?self.registry.kinds(),
+            consumer_timeouts = ?self
+                .queues
+                .iter()
+                .map(|q| humantime::format_duration(q.consumer_timeout).to_string())
+                .collect::<Vec<_>>(),
             "worker started"
         );
 

@@ -13,8 +13,9 @@
 //!   attempt is at most K, then sleep, record, done;
 //! - `fail` `{"ms": N}`: sleep N ms (default 0), then a permanent failure (dead-lettered);
 //! - `abort`: `std::process::abort()`, a poison job that kills the process every time;
-//! - `hang`: on its first delivery (not `redelivered`) never returns; on a redelivery records
-//!   and is done (the consumer-timeout scenario).
+//! - `stuck` `{"ms": N}`: on its first delivery (not `redelivered`) blocks its thread for N ms
+//!   (blocking code that `job_timeout` cannot stop), then fails retryably; on a redelivery
+//!   records and is done (the consumer-timeout scenario).
 //!
 //! Usage: as `warren-worker` (`--queue Q ... [--concurrency N] [--config FILE]`), with
 //! `WARREN_SINK` (and `WARREN_SETTLED`) in the environment.
@@ -63,6 +64,7 @@ fn one() -> u32 {
 }
 
 /// `fail`'s payload.
+/// `{"ms": N}` (default 0) of `fail` and `stuck`.
 #[derive(Deserialize)]
 struct Fail {
     #[serde(default)]
@@ -116,13 +118,14 @@ fn register(registry: &mut Registry, sink: &Arc<SinkWriter>) {
         HandlerResult::Ok(None)
     });
     let s = sink.clone();
-    registry.register("hang", move |_payload: Value, ctx: JobContext| {
+    registry.register("stuck", move |stuck: Fail, ctx: JobContext| {
         let sink = s.clone();
         async move {
             let started = now_ms();
             if !ctx.redelivered {
-                tracing::warn!(job = %ctx.id, "hang: first delivery, never returning");
-                std::future::pending::<()>().await;
+                tracing::warn!(job = %ctx.id, "stuck: first delivery, blocking the thread");
+                std::thread::sleep(Duration::from_millis(stuck.ms));
+                return HandlerResult::Err(JobError::retry("stuck: failed after blocking"));
             }
             record(&sink, &ctx, started)
         }

@@ -1,13 +1,17 @@
-//! Scenario 7: a handler that never finishes (`hang`, on its first delivery) past a lowered
-//! `consumer_timeout` (5 s, checked every second, set at run time on the fault node and
-//! restored afterwards): the broker closes the consumer's channel, Warren subscribes again in
-//! the same session and keeps consuming, and the job is redelivered and completes. Meanwhile
-//! echo jobs keep arriving, 10 a second.
+//! Scenario 7: a handler stuck in blocking code (`stuck`: on its first delivery it blocks its
+//! thread for 20 s, which Warren's 1 s `job_timeout` cannot interrupt, then fails) outlives the
+//! broker's consumer timeout. RabbitMQ 4.x applies the `x-consumer-timeout` the worker asked
+//! for (7 s here: 1 round of 1 s buffered, 1 s of run, 5 s to settle) and cancels the consumer;
+//! 3.10 ignores that argument and closes the channel after its own `consumer_timeout`, lowered
+//! to 5 s (checked every second) on the fault node for the scenario. Either way Warren subscribes
+//! again in the same session and keeps consuming; the job is redelivered and completes; when
+//! the stuck run finally fails, nothing is published for it (the broker took it back), so it
+//! does not come back a second time. Meanwhile echo jobs keep arriving, 10 a second.
 //!
 //! Everything is seen from outside the worker: the broker lists a new consumer tag of the same
 //! process (Warren's tags are new for every subscription), the worker's connections are the
-//! ones it started with (one session), and the sink has the hanging job, run again by the same
-//! process. Recovery: the longest pause between two jobs recorded after the hang began.
+//! ones it started with (one session), and the sink has the stuck job once, run again by the
+//! same process. Recovery: the longest pause between two jobs recorded after it got stuck.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -23,6 +27,9 @@ use crate::fault::submit::{self, Plan};
 use crate::fault::{Report, Scenario, Settings, now_ms};
 use crate::sink::Tally;
 
+/// How long the stuck handler blocks its thread on its first delivery.
+const STUCK: Duration = Duration::from_secs(20);
+
 pub async fn run(bin: &Path) -> anyhow::Result<Report> {
     let s = Scenario::new(7, "consumer-timeout", vec![Node::single()], bin).await?;
     let set = "application:set_env(rabbit, consumer_timeout, 5000), \
@@ -36,7 +43,9 @@ async fn scenario(s: &Scenario) -> anyhow::Result<Report> {
     let mut report = Report::new(7, s.name);
     let settings = Settings {
         concurrency: 4,
-        job_timeout: "5m",
+        prefetch: Some(4),
+        job_timeout: "1s",
+        operation_timeout: "5s",
         shutdown_grace: "2s",
         ..Settings::default()
     };
@@ -49,7 +58,7 @@ async fn scenario(s: &Scenario) -> anyhow::Result<Report> {
         "expected the worker's one consumer, found {first_tags:?}"
     );
 
-    let hang = s.jobs(1, "hang", &json!({}));
+    let hang = s.jobs(1, "stuck", &json!({ "ms": STUCK.as_millis() as u64 }));
     let hang_id = hang[0].id.clone().expect("id");
     let (first, first_log) = submit::spawn(
         dispatcher.clone(),
@@ -83,7 +92,7 @@ async fn scenario(s: &Scenario) -> anyhow::Result<Report> {
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     report.note(format!(
-        "the consumer was replaced {:.1}s after the hanging job was submitted",
+        "the consumer was replaced {:.1}s after the stuck job was submitted",
         now_ms().saturating_sub(hang_submitted) as f64 / 1000.0
     ));
     report.check(
@@ -94,10 +103,13 @@ async fn scenario(s: &Scenario) -> anyhow::Result<Report> {
     while !Tally::of(&s.sink.lines()).counts.contains_key(&hang_id) {
         anyhow::ensure!(
             Instant::now() < until,
-            "the hanging job was not redelivered and completed within 60 s"
+            "the stuck job was not redelivered and completed within 60 s"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // The stuck run ends and fails: it must publish nothing (no retry of a job already done).
+    let stuck_ends = hang_submitted + STUCK.as_millis() as u64 + 2_000;
+    tokio::time::sleep(Duration::from_millis(stuck_ends.saturating_sub(now_ms()))).await;
     tokio::time::timeout(Duration::from_secs(120), submitting)
         .await
         .context("submitting")??;
