@@ -145,3 +145,52 @@ async fn a_job_past_the_consumer_timeout_ends_in_the_dead_letters_while_other_qu
 fn dead_queue(queue: &str) -> String {
     warren_core::topology::dead_queue(queue)
 }
+
+/// Given a handler that always overruns its 500 ms job_timeout (an `.await` that never ends),
+/// then Warren's own timeout stops each run long before any broker timeout, and after
+/// `max_attempts` = 3 runs the job is in `<queue>.dead`, saying it timed out. On 3.10 and 4.x
+/// alike: the broker's consumer timeout never comes into it.
+#[tokio::test]
+async fn a_job_that_always_overruns_ends_in_the_dead_letters_after_its_attempts() {
+    let queue = unique_queue("overrun");
+    let mut config = config(&[&queue]);
+    if let Some(q) = config.queues.get_mut(&queue) {
+        q.job_timeout = Duration::from_millis(500);
+    }
+    let dispatcher = dispatcher(&config).await;
+    let recorder = Recorder::new();
+    let mut registry = Registry::new();
+    let record = recorder.clone();
+    registry.register("overrun", move |payload: Value, ctx: JobContext| {
+        record.record(payload, &ctx);
+        async move {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok(None)
+        }
+    });
+    let worker = start_worker(&config, registry, &[&queue]);
+    let channel = connect().await.create_channel().await.expect("channel");
+    let id = dispatcher
+        .submit(NewJob::new(&queue, "overrun", &json!({})))
+        .await
+        .expect("submitted");
+    // Attempts 1 s and 2 s apart (quick_queue), each cut at 500 ms.
+    let dead = take_messages(&channel, &dead_queue(&queue), 1, Duration::from_secs(30)).await;
+    let dead = &dead[0];
+    assert_eq!(
+        dead.properties.message_id().as_ref().map(|s| s.as_str()),
+        Some(id.0.as_str())
+    );
+    assert_eq!(header(dead, ERROR_CLASS).as_deref(), Some("exhausted"));
+    let error = header(dead, ERROR).unwrap_or_default();
+    assert!(
+        error.contains("gave up after 3 attempts") && error.contains("timed out after 500ms"),
+        "{error}"
+    );
+    let attempts: Vec<u32> = recorder.calls().iter().map(|c| c.attempt).collect();
+    assert_eq!(attempts, [1, 2, 3]);
+    worker.stop().await;
+    assert_eq!(ready_count(&channel, &queue).await, 0);
+    cleanup(&channel, &[&queue]).await;
+    dispatcher.close().await;
+}
