@@ -1,11 +1,12 @@
 //! `docker-compose.yml` is valid Compose, and its services are shaped the way Warren relies on.
 //!
 //! There is no Docker engine on our machines, so this is how the compose file is checked: it is
-//! validated against the Compose Specification's JSON schema (kept in the steering repository at
-//! `shared/schemas/compose-spec.json`, beside this repository), and the properties that matter
-//! to Warren are asserted: workers scale (`docker compose up --scale worker=4`), wait for a
-//! healthy broker, and the broker has a health check. A missing schema fails the test; it is
-//! never skipped. No broker is needed.
+//! validated against the Compose Specification's JSON schema (vendored in this repository at
+//! `tests/schemas/compose-spec.json`, see `tests/schemas/README.md`, so a clone alone runs this
+//! test), and the properties that matter to Warren are asserted: workers scale
+//! (`docker compose up --scale worker=4`), wait for a healthy broker, the broker has a health
+//! check, and its image is the RabbitMQ version the local node runs by default. A missing
+//! schema fails the test; it is never skipped. No broker is needed.
 
 use std::path::{Path, PathBuf};
 
@@ -82,6 +83,30 @@ fn worker_scales_and_waits_for_a_healthy_broker() {
     }
 }
 
+/// Given the rabbitmq service, then its image is `rabbitmq:<V>-management` with `<V>` the
+/// version `scripts/broker` runs by default (`DEFAULT_RABBITMQ`): Docker users get the broker
+/// the tests and the fault suite are proven on.
+#[test]
+fn broker_image_is_the_local_default_version() {
+    let compose = compose_file();
+    let script = repo_root().join("scripts/broker");
+    let text = std::fs::read_to_string(&script)
+        .unwrap_or_else(|err| panic!("cannot read {}: {err}", script.display()));
+    let default = text
+        .lines()
+        .find_map(|line| line.strip_prefix("DEFAULT_RABBITMQ="))
+        .map(|v| v.trim().trim_matches('"').to_owned())
+        .unwrap_or_else(|| panic!("{} sets no DEFAULT_RABBITMQ=", script.display()));
+    let image = compose["services"]["rabbitmq"]["image"]
+        .as_str()
+        .unwrap_or_default();
+    assert_eq!(
+        image,
+        format!("rabbitmq:{default}-management"),
+        "the rabbitmq service should run the version scripts/broker runs by default ({default})"
+    );
+}
+
 /// Given the rabbitmq service, then the broker config files it mounts exist in the repository
 /// (Docker would otherwise create empty directories in their place).
 #[test]
@@ -148,9 +173,9 @@ fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// The Compose schema lives in the steering repository's `shared/`, cloned beside this one.
+/// The Compose schema, vendored in this repository (`tests/schemas/`).
 fn schema_path() -> PathBuf {
-    repo_root().join("../shared/schemas/compose-spec.json")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/compose-spec.json")
 }
 
 /// `docker-compose.yml` as JSON.
@@ -168,8 +193,8 @@ fn schema_errors(instance: &Value) -> Vec<String> {
     let text = std::fs::read_to_string(&path).unwrap_or_else(|err| {
         panic!(
             "the Compose schema is missing: cannot read {}: {err}\n\
-             it comes from the steering repository's shared/schemas/ (cloned beside this \
-             repository); without it docker-compose.yml cannot be checked",
+             it is vendored in the repository (tests/schemas/, see its README.md); without it \
+             docker-compose.yml cannot be checked",
             path.display()
         )
     });
