@@ -29,7 +29,20 @@
 //! - `x-dead-letter-strategy = at-least-once` with `x-overflow = reject-publish` makes the
 //!   broker's own dead-lettering (delivery limit, delay TTLs) safe against a crash mid-move
 //!   (<https://www.rabbitmq.com/docs/quorum-queues#dead-lettering>); it needs the
-//!   `stream_queue` feature flag, which `scripts/broker` enables.
+//!   `stream_queue` feature flag, which `scripts/broker` enables;
+//! - `<queue>.dead` and `warren.unroutable` (when quorum) have `x-delivery-limit =`
+//!   [`READ_SAFE_DELIVERY_LIMIT`] (2,147,483,647) and no dead-letter target: they are read by
+//!   fetching without acking (`warren peek`, the management UI), and a message handed back
+//!   by a closed channel or a reject counts as a delivery (on 3.10 a nack too). Without the
+//!   argument RabbitMQ 4.x applies its default limit of 20 and *drops* each message after
+//!   its 21st read; `-1`, unlimited on 4.x, makes 3.10 drop it on its first return.
+//!   `i32::MAX` means the same on both versions, so Warren declares the same arguments on
+//!   3.10 and 4.x. Classic queues have no delivery limit (and refuse the argument), so
+//!   classic dead-letter queues get none.
+//!
+//! RabbitMQ cannot change a queue's arguments in place: a queue declared by an older Warren
+//! (a dead-letter queue without the limit, say) is a [`TopologyError::Mismatch`] whose message
+//! says how to replace it.
 
 use lapin::options::{
     ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
@@ -54,6 +67,11 @@ pub const UNROUTABLE: &str = "warren.unroutable";
 pub const DEAD_SUFFIX: &str = ".dead";
 /// Longest queue name: the delay routing key adds 44 bytes and must fit in 255.
 pub const MAX_QUEUE_NAME: usize = 255 - 2 * delay::LEVELS as usize;
+/// The `x-delivery-limit` of the queues that are only ever read, never worked off
+/// (`<queue>.dead`, [`UNROUTABLE`]): high enough that reading them never drops a message,
+/// and the same on RabbitMQ 3.10 and 4.x (where `-1` would mean "unlimited" on 4.x but "drop
+/// on the first return" on 3.10).
+pub const READ_SAFE_DELIVERY_LIMIT: i64 = i32::MAX as i64;
 
 /// The dead-letter queue of `queue`.
 pub fn dead_queue(queue: &str) -> String {
@@ -135,9 +153,26 @@ pub fn deliver_exchange_arguments() -> FieldTable {
     args.0
 }
 
-/// The arguments of a dead-letter queue: same type as its work queue, no onward route.
+/// The arguments of a dead-letter queue: same type as its work queue, no onward route, and
+/// (quorum) a delivery limit that reading it never reaches.
 pub fn dead_queue_arguments(queue: &QueueConfig) -> FieldTable {
-    Arguments::of_type(queue.queue_type).0
+    read_only_queue(queue.queue_type).0
+}
+
+/// The arguments of the [`UNROUTABLE`] queue: quorum, no onward route, a delivery limit that
+/// reading it never reaches.
+pub fn unroutable_queue_arguments() -> FieldTable {
+    read_only_queue(QueueType::Quorum).0
+}
+
+/// A queue whose messages wait for someone to look at them: reads must not use up a
+/// delivery limit (see the module documentation).
+fn read_only_queue(queue_type: QueueType) -> Arguments {
+    let mut args = Arguments::of_type(queue_type);
+    if queue_type == QueueType::Quorum {
+        args.long("x-delivery-limit", READ_SAFE_DELIVERY_LIMIT);
+    }
+    args
 }
 
 /// The arguments of delay level `level`'s queue: a fixed TTL, then on to the next level.
@@ -219,8 +254,8 @@ pub enum TopologyError {
     #[error("invalid queue name `{name}`: {reason}")]
     InvalidName { name: String, reason: NameError },
     #[error(
-        "{what} `{name}` already exists with different settings: {detail}. Delete it (after \
-         draining it) or change the config to match"
+        "{what} `{name}` already exists with different settings: {detail}. {}",
+        mismatch_fix(what, name, detail)
     )]
     Mismatch {
         what: &'static str,
@@ -229,6 +264,22 @@ pub enum TopologyError {
     },
     #[error("declaring {what}: {source}")]
     Broker { what: String, source: lapin::Error },
+}
+
+/// What the operator can do about a [`TopologyError::Mismatch`].
+fn mismatch_fix(what: &str, name: &str, detail: &str) -> String {
+    let read_only = name.ends_with(DEAD_SUFFIX) || name == UNROUTABLE;
+    if what == "queue" && read_only && detail.contains("'x-delivery-limit'") {
+        return format!(
+            "It was declared by an older Warren (or by hand) without the `x-delivery-limit = \
+             {READ_SAFE_DELIVERY_LIMIT}` that keeps RabbitMQ 4.x from dropping its messages \
+             after 21 reads, and RabbitMQ cannot change a queue's arguments in place. Replace \
+             it: stop the workers, keep its messages elsewhere if you need them (`warren peek \
+             --queue {name}` shows them), delete it (`rabbitmqctl delete_queue {name}`), run \
+             `warren topology apply`, start the workers"
+        );
+    }
+    "Delete it (after draining it) or change the config to match".to_owned()
 }
 
 /// Declares the shared exchanges, the delay levels, and each work queue with its dead-letter
@@ -253,12 +304,8 @@ pub async fn declare(
     d.exchange(DEAD_EXCHANGE, ExchangeKind::Direct).await?;
     d.exchange_with(UNROUTABLE, ExchangeKind::Fanout, FieldTable::default())
         .await?;
-    d.queue(
-        UNROUTABLE,
-        "quorum",
-        Arguments::of_type(QueueType::Quorum).0,
-    )
-    .await?;
+    d.queue(UNROUTABLE, "quorum", unroutable_queue_arguments())
+        .await?;
     d.bind_queue(UNROUTABLE, UNROUTABLE, "").await?;
     d.exchange_with(
         DELAY_DELIVER_EXCHANGE,
@@ -492,6 +539,73 @@ mod tests {
             get("x-dead-letter-strategy"),
             Some(AMQPValue::LongString("at-least-once".into()))
         );
+    }
+
+    #[test]
+    fn queues_that_are_only_read_never_reach_their_delivery_limit() {
+        let limit = |args: &FieldTable| args.inner().get("x-delivery-limit").cloned();
+        let quorum = QueueConfig::default();
+        assert_eq!(quorum.queue_type, QueueType::Quorum);
+        for args in [dead_queue_arguments(&quorum), unroutable_queue_arguments()] {
+            // Not -1: RabbitMQ 3.10 drops a message on its first return with that.
+            assert_eq!(limit(&args), Some(AMQPValue::LongLongInt(2_147_483_647)));
+            assert_eq!(
+                args.inner().get("x-queue-type"),
+                Some(&AMQPValue::LongString("quorum".into()))
+            );
+            // Nowhere onward: a message stays until someone deletes it.
+            assert_eq!(args.inner().get("x-dead-letter-exchange"), None);
+        }
+        // Classic queues have no delivery limit and refuse the argument.
+        let classic = QueueConfig {
+            queue_type: QueueType::Classic,
+            ..QueueConfig::default()
+        };
+        let args = dead_queue_arguments(&classic);
+        assert_eq!(limit(&args), None);
+        assert_eq!(
+            args.inner().get("x-queue-type"),
+            Some(&AMQPValue::LongString("classic".into()))
+        );
+    }
+
+    #[test]
+    fn a_dead_letter_queue_from_an_older_warren_is_named_with_the_fix() {
+        // What RabbitMQ 3.10.8 and 4.3.6 both say (checked on both).
+        let detail = "inequivalent arg 'x-delivery-limit' for queue 'emails.dead' in vhost '/': \
+                      received the value '2147483647' of type 'long' but current is none";
+        let err = TopologyError::Mismatch {
+            what: "queue",
+            name: "emails.dead".into(),
+            detail: detail.into(),
+        };
+        let text = err.to_string();
+        for part in [
+            "queue `emails.dead` already exists",
+            detail,
+            "older Warren",
+            "rabbitmqctl delete_queue emails.dead",
+            "warren topology apply",
+        ] {
+            assert!(text.contains(part), "{part:?} missing from: {text}");
+        }
+        let unroutable = TopologyError::Mismatch {
+            what: "queue",
+            name: UNROUTABLE.into(),
+            detail: detail.replace("emails.dead", UNROUTABLE),
+        };
+        assert!(
+            unroutable
+                .to_string()
+                .contains("rabbitmqctl delete_queue warren.unroutable")
+        );
+        // Other mismatches keep the general advice.
+        let work = TopologyError::Mismatch {
+            what: "queue",
+            name: "emails".into(),
+            detail: "inequivalent arg 'x-queue-type' for queue 'emails'".into(),
+        };
+        assert!(work.to_string().ends_with("change the config to match"));
     }
 
     #[test]

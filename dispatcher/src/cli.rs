@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use lapin::options::BasicGetOptions;
+use lapin::options::{BasicGetOptions, BasicNackOptions};
 use serde::Deserialize;
 use warren_core::envelope::{self, NewJob};
 
@@ -200,18 +200,26 @@ pub fn printable(text: &str) -> String {
 }
 
 /// `warren peek --queue Q`: shows up to `count` messages of a queue (usually `<queue>.dead`)
-/// without removing them: they are fetched unacknowledged and handed back when the channel
-/// closes.
+/// without removing them: they are fetched unacknowledged and handed back with one
+/// `basic.nack` (requeue, multiple), then the channel closes (which hands back anything left).
+///
+/// A nack, unlike a reject or a closed channel, does not count towards a quorum queue's
+/// delivery limit on RabbitMQ 4.x, so peeking is harmless even on a dead-letter queue that an
+/// older Warren declared without `x-delivery-limit` (4.x gives those a limit of 20). On 3.10
+/// every return counts; the queues Warren reads are declared with a limit that reading never
+/// reaches ([`warren_core::topology::READ_SAFE_DELIVERY_LIMIT`]).
 pub async fn peek(dispatcher: &Dispatcher, queue: &str, count: usize) -> anyhow::Result<()> {
     let channel = dispatcher.open_channel().await?;
     let name = warren_core::topology::short(queue)?;
     let mut shown = 0;
+    let mut last_tag = None;
     while shown < count {
         let got = channel
             .basic_get(name.clone(), BasicGetOptions { no_ack: false })
             .await
             .with_context(|| format!("reading queue `{queue}`"))?;
         let Some(message) = got else { break };
+        last_tag = Some(message.delivery.delivery_tag);
         let props = &message.delivery.properties;
         // Everything shown comes from whoever published the message: escaped, so that no
         // control character (a terminal escape sequence, a carriage return) reaches the terminal.
@@ -234,6 +242,14 @@ pub async fn peek(dispatcher: &Dispatcher, queue: &str, count: usize) -> anyhow:
     }
     if shown == 0 {
         println!("(queue `{queue}` is empty)");
+    }
+    if let Some(tag) = last_tag {
+        let requeue_all = BasicNackOptions {
+            multiple: true,
+            requeue: true,
+        };
+        // If the nack fails, closing the channel still hands the messages back.
+        let _ = channel.basic_nack(tag, requeue_all).await;
     }
     let _ = channel.close(200, "peek done".into()).await;
     Ok(())

@@ -1,0 +1,271 @@
+//! Reading dead letters never destroys them: `<queue>.dead` and `warren.unroutable` keep every
+//! job through 100 reads by `warren peek` and 100 more by a reader that hands them back by
+//! closing its channel (the `warren peek` of before, a crashed client, the management UI's
+//! reject), on RabbitMQ 3.10 and 4.x. Each read hands the jobs back, which counts as a
+//! delivery (closing: on both versions; `warren peek`'s nack: on 3.10 only), and a quorum
+//! queue drops a message past its delivery limit: 20 on 4.x unless declared, and `-1` drops
+//! on the first return on 3.10. And queues left by an older Warren are refused with a
+//! message that says how to replace them.
+//!
+//! Two tests use a vhost of their own (`scripts/broker ctl`): against another node, set the
+//! `WARREN_BROKER_*` variables as well as `WARREN_AMQP_URL` (see `scripts/broker`).
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use lapin::options::{
+    BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Connection};
+use serde_json::json;
+use warren_core::config::BrokerConfig;
+use warren_core::topology::{self, TopologyError};
+use warren_dispatcher::cli::peek;
+use warren_tests::*;
+use warren_workers::{JobError, Registry};
+
+const READS: usize = 100;
+const JOBS: usize = 4;
+
+/// Given four jobs that failed permanently and wait in `<queue>.dead`, when the dead-letter
+/// queue is read 100 times by `warren peek` and 100 times by a reader that closes its channel
+/// without settling, then all four are still there.
+#[tokio::test]
+async fn dead_letters_survive_100_reads() {
+    let recorder = Recorder::new();
+    let mut registry = Registry::new();
+    recorder.handle(&mut registry, "doomed", |_| {
+        Err(JobError::permanent("fails on purpose"))
+    });
+    let mut stage = Stage::new("dead-reads", registry).await;
+    let mut ids = BTreeSet::new();
+    for n in 0..JOBS {
+        ids.insert(stage.submit("doomed", json!({ "n": n })).await.0);
+    }
+    let dead = topology::dead_queue(&stage.queue);
+    wait_ready(&stage.channel, &dead, JOBS as u32).await;
+    stage.stop_worker().await;
+    let connection = connect().await;
+
+    reads_keep_every_job(&connection, &stage.dispatcher, &dead, &ids).await;
+
+    stage.end().await;
+}
+
+/// Given three delayed jobs whose work queue does not exist, waiting in `warren.unroutable`
+/// (of a vhost of their own, so that the count is theirs), when that queue is read 100 times by
+/// `warren peek` and 100 times by a reader that closes its channel, then all three are there.
+#[tokio::test]
+async fn unroutable_jobs_survive_100_reads() {
+    let vhost = tokio::task::spawn_blocking(|| TempVhost::new("unroutable-reads"))
+        .await
+        .expect("vhost");
+    let gone = unique_queue("never-declared");
+    let mut config = config(&[]);
+    config.broker.url = vhost.url();
+    let dispatcher = dispatcher(&config).await;
+    let connection = connect_to(&config.broker).await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let mut ids = BTreeSet::new();
+    for n in 0..3 {
+        let id = format!("unroutable-{n}-{gone}");
+        let (exchange, key) = topology::delay_route(1, &gone);
+        let confirm = channel
+            .basic_publish(
+                exchange.as_str().into(),
+                key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                b"{}",
+                BasicProperties::default().with_message_id(id.as_str().into()),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirm.is_ack() && confirm.take_message().is_none());
+        ids.insert(id);
+    }
+    wait_ready(&channel, topology::UNROUTABLE, 3).await;
+
+    reads_keep_every_job(&connection, &dispatcher, topology::UNROUTABLE, &ids).await;
+
+    dispatcher.close().await;
+    let _ = connection.close(200, "done".into()).await;
+    drop(vhost);
+}
+
+/// Given a vhost where an older Warren declared `warren.unroutable` and a `<queue>.dead`
+/// without `x-delivery-limit`, when this Warren declares its topology there, then each is
+/// refused with an error naming the queue, the argument and the fix; after following it
+/// (delete the queue, declare again) the topology is declared.
+#[tokio::test]
+async fn queues_of_an_older_warren_are_refused_with_the_fix() {
+    let vhost = tokio::task::spawn_blocking(|| TempVhost::new("older-warren"))
+        .await
+        .expect("vhost");
+    let queue = unique_queue("upgrade");
+    let dead = topology::dead_queue(&queue);
+    let mut config = config(&[&queue]);
+    config.broker.url = vhost.url();
+    let connection = connect_to(&config.broker).await;
+    let setup = connection.create_channel().await.expect("channel");
+    // What Warren declared before: quorum, nothing else.
+    for name in [topology::UNROUTABLE, dead.as_str()] {
+        let mut old = FieldTable::default();
+        old.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+        setup
+            .queue_declare(
+                name.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                old,
+            )
+            .await
+            .expect("declaring the old queue");
+    }
+    let settings = config.queue(&queue);
+
+    for refused in [topology::UNROUTABLE, dead.as_str()] {
+        let channel = connection.create_channel().await.expect("channel");
+        let err = topology::declare(&channel, &[(&queue, &settings)])
+            .await
+            .expect_err("an old queue is refused");
+        let TopologyError::Mismatch { name, detail, .. } = &err else {
+            panic!("expected a mismatch, got {err}");
+        };
+        assert_eq!(name, refused);
+        assert!(detail.contains("'x-delivery-limit'"), "{detail}");
+        let text = err.to_string();
+        for part in [
+            "older Warren".to_owned(),
+            format!("rabbitmqctl delete_queue {refused}"),
+            "warren topology apply".to_owned(),
+        ] {
+            assert!(text.contains(&part), "{part:?} missing from: {text}");
+        }
+        println!("{text}");
+        // The fix: (the queue is empty here) delete it, then declare again.
+        setup
+            .queue_delete(refused.into(), QueueDeleteOptions::default())
+            .await
+            .expect("delete");
+    }
+    let channel = connection.create_channel().await.expect("channel");
+    topology::declare(&channel, &[(&queue, &settings)])
+        .await
+        .expect("declared after the old queues were replaced");
+    let _ = connection.close(200, "done".into()).await;
+    drop(vhost);
+}
+
+/// Reads `queue` [`READS`] times with `warren peek` and [`READS`] times by fetching everything
+/// unacked and closing the channel, checking after each read by closing that `ids` are all
+/// still there (and nothing else).
+async fn reads_keep_every_job(
+    connection: &Connection,
+    dispatcher: &warren_dispatcher::Dispatcher,
+    queue: &str,
+    ids: &BTreeSet<String>,
+) {
+    assert_eq!(
+        &read(connection, queue, ids.len()).await,
+        ids,
+        "before reading"
+    );
+    for _ in 0..READS {
+        peek(dispatcher, queue, usize::MAX)
+            .await
+            .expect("warren peek");
+    }
+    assert_eq!(
+        &read(connection, queue, ids.len()).await,
+        ids,
+        "after {READS} reads by `warren peek`"
+    );
+    for n in 1..=READS {
+        assert_eq!(
+            &read(connection, queue, ids.len()).await,
+            ids,
+            "read {n} of {READS} by fetching and closing the channel"
+        );
+    }
+    println!(
+        "`{queue}` holds all {} jobs; x-delivery-count of its first: {:?}",
+        ids.len(),
+        delivery_count(connection, queue).await
+    );
+}
+
+/// The `x-delivery-count` header of the first message of `queue` (read and handed back).
+async fn delivery_count(connection: &Connection, queue: &str) -> Option<AMQPValue> {
+    let channel = connection.create_channel().await.expect("channel");
+    let message = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+        .await
+        .expect("basic.get")?;
+    let headers = message.delivery.properties.headers().clone()?;
+    let _ = channel.close(200, "read done".into()).await;
+    headers.inner().get("x-delivery-count").cloned()
+}
+
+/// The message ids of everything in `queue`, fetched unacked on a channel of their own and
+/// handed back by closing it: one read, a delivery of each message. A closed channel's
+/// messages return to the queue a moment after the close, so a read that finds fewer than
+/// `want` is repeated for up to 5 s before its answer counts.
+async fn read(connection: &Connection, queue: &str, want: usize) -> BTreeSet<String> {
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let channel = connection.create_channel().await.expect("channel");
+        let mut ids = BTreeSet::new();
+        while let Some(message) = channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+            .await
+            .expect("basic.get")
+        {
+            let id = message.delivery.properties.message_id().clone();
+            ids.insert(id.map(|s| s.to_string()).unwrap_or_default());
+        }
+        channel.close(200, "read done".into()).await.expect("close");
+        if ids.len() >= want || Instant::now() > until {
+            return ids;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `queue` has `n` ready messages; panics after 30 s.
+async fn wait_ready(channel: &lapin::Channel, queue: &str, n: u32) {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = ready_count(channel, queue).await;
+        if ready >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < until,
+            "`{queue}` has {ready} ready messages after 30 s, expected {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A connection to `broker` (the test broker, maybe another vhost).
+async fn connect_to(broker: &BrokerConfig) -> Connection {
+    warren_core::connection::connect(broker, "warren-tests dead-letters")
+        .await
+        .expect("connecting to the test broker")
+}
