@@ -365,7 +365,7 @@ fn describe_text(what: &str, bytes: &[u8]) -> String {
     }
 }
 
-/// Properties for the next attempt of a job: the original's properties ([`copy_of`]), the
+/// Properties for the next attempt of a job: the original's properties (`copy_of`), the
 /// [`CARRIED_HEADERS`] it had, and the attempt counter.
 pub fn retry_properties(original: &BasicProperties, next_attempt: u32) -> BasicProperties {
     let mut headers = carried_headers(original);

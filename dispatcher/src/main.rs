@@ -51,7 +51,7 @@ enum Command {
         action: TopologyAction,
     },
     /// Show messages of a dead-letter queue (QUEUE.dead) without removing them. On a work
-    /// queue, a peek counts as a delivery towards the queue's delivery limit.
+    /// queue under RabbitMQ 3.x, a peek counts as a delivery towards its delivery limit.
     Peek {
         #[arg(long)]
         queue: String,
