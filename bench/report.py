@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Warren's benchmark report: one table, results.json, table.md and a chart from raw JSON lines.
 
-    report.py RAW.jsonl [...] --out-dir DIR [--broker "RabbitMQ 3.10"]
+    report.py RAW.jsonl [...] --out-dir DIR [--broker "RabbitMQ 4.3.6"] [--run-info FILE]
+    report.py --compare DIR_A DIR_B [--queue-types quorum,classic] [--out FILE]
 
 Input: JSON lines, one object per measurement run, as written by target/release/warren-bench and
 bench/peers (celery_bench.py, dramatiq_bench.py):
@@ -12,8 +13,17 @@ bench/peers (celery_bench.py, dramatiq_bench.py):
 
 lapin records also carry "ceiling": "primary" or "secondary".
 
-Output: the table on stdout, and in DIR: results.json (the aggregates and every raw record),
-table.md (the same table in Markdown) and throughput.png (bar chart, one panel per measure).
+Output: the table on stdout, and in DIR: results.json (the aggregates and every raw record,
+the broker named by --broker and the "key: value" lines of --run-info, as bench/run writes them
+in run-info.txt), table.md (the same table in Markdown) and throughput.png (bar chart, one panel
+per measure).
+
+--compare reads the results.json of two result folders (e.g. bench/results/rabbitmq-4.3 and
+bench/results/rabbitmq-3.10, one bench/run on each broker) and prints one Markdown table with the
+two side by side: per queue type a column for each run and their ratio, for every throughput
+group (matched by measure, system and pool), then idle RSS, latency and retry delay. Columns are
+named by each run's broker version (its results.json), else by the folder's name. --out also
+writes it to FILE.
 
 Throughput (measures enqueue, drain, e2e): runs are grouped by (measure, jobs, queue type, system,
 pool); a group gives the median, min and max jobs/s over its runs and the median peak RSS where
@@ -507,16 +517,190 @@ def chart(groups, path, broker):
 
 
 # ---------------------------------------------------------------------------------------------
+# Two runs side by side (--compare), e.g. the same benchmark on RabbitMQ 4.3 and 3.10.
+
+def read_run_info(path):
+    """The "key: value" lines of bench/run's run-info.txt, as a dict."""
+    info = {}
+    with open(path) as f:
+        for line in f:
+            key, sep, value = line.partition(":")
+            if sep and key.strip():
+                info[key.strip()] = value.strip()
+    return info
+
+
+def load_run(folder):
+    """A result folder's results.json, with "label" (the broker's version, else the folder)."""
+    path = os.path.join(folder, "results.json")
+    with open(path) as f:
+        run = json.load(f)
+    info = run.get("run_info") or {}
+    if not info and os.path.exists(os.path.join(folder, "run-info.txt")):
+        info = read_run_info(os.path.join(folder, "run-info.txt"))
+        run["run_info"] = info
+    if info.get("rabbitmq"):
+        run["label"] = f"RabbitMQ {info['rabbitmq']}"
+    elif run.get("broker"):
+        run["label"] = run["broker"]
+    else:
+        run["label"] = os.path.basename(os.path.normpath(folder))
+    run["folder"] = folder
+    return run
+
+
+def compare_rows(runs, items, key, order):
+    """The keys of items(run) over both runs, ordered, each with the matching item per run."""
+    found = {}
+    for i, run in enumerate(runs):
+        for n, item in enumerate(items(run)):
+            k = key(item)
+            entry = found.setdefault(k, {"order": (order(item), i, n), "items": [None, None]})
+            if entry["items"][i] is None:
+                entry["items"][i] = item
+    return [(k, e["items"]) for k, e in sorted(found.items(), key=lambda ke: ke[1]["order"])]
+
+
+def side_ratio(a, b):
+    return "-" if a is None or b is None or not b else f"{a / b:.2f}"
+
+
+def compare(folders, queue_types, out_path):
+    runs = [load_run(folder) for folder in folders]
+    labels = [run["label"] for run in runs]
+    if labels[0] == labels[1]:
+        labels = [f"{label} ({os.path.basename(os.path.normpath(run['folder']))})"
+                  for label, run in zip(labels, runs)]
+    short = [label.replace("RabbitMQ ", "") for label in labels]
+
+    def throughput_cell(g):
+        if g is None:
+            return "-"
+        text = f"{g['median_jobs_per_s']:,.0f} /s"
+        if not (g["system"] == "lapin" and g.get("ceiling") == "primary") \
+                and g.get("vs_primary") is not None:
+            text += f" ({g['vs_primary']:.2f}×)"
+        return text
+
+    rows = compare_rows(
+        runs, lambda run: run.get("throughput", []),
+        key=lambda g: (g["measure"], g["system"], g["pool"], g["queue_type"]),
+        order=lambda g: (THROUGHPUT.index(g["measure"]) if g["measure"] in THROUGHPUT else 9,
+                         rank(g["system"], SYSTEMS)))
+    by_row = {}
+    for (measure, system, pool, qtype), items in rows:
+        by_row.setdefault((measure, system, pool), {})[qtype] = items
+    headers = ["measure", "system", "pool"]
+    for qtype in queue_types:
+        headers += [f"{qtype}, {short[0]}", f"{qtype}, {short[1]}", f"{short[0]} / {short[1]}"]
+    lines = [f"| {' | '.join(headers)} |",
+             "|---|---|---|" + "---:|---:|---:|" * len(queue_types)]
+    for (measure, system, pool), per_qtype in by_row.items():
+        if not any(q in per_qtype for q in queue_types):
+            continue
+        cells = [measure, str(system), str(pool)]
+        for qtype in queue_types:
+            a, b = per_qtype.get(qtype, [None, None])
+            cells += [throughput_cell(a), throughput_cell(b),
+                      side_ratio(a and a["median_jobs_per_s"], b and b["median_jobs_per_s"])]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+
+    # The other measures: one row each, a column per run.
+    other = [f"| measure | system | pool | {short[0]} | {short[1]} |", "|---|---|---|---:|---:|"]
+    for _, (a, b) in compare_rows(
+            runs, lambda run: run.get("idle_rss", []), key=lambda g: (g["system"], g["pool"]),
+            order=lambda g: rank(g["system"], SYSTEMS)):
+        g = a or b
+        other.append(f"| idle RSS | {g['system']} | {g['pool']} | "
+                     f"{fmt(a and a['median_mib'], 1, ' MiB')} | "
+                     f"{fmt(b and b['median_mib'], 1, ' MiB')} |")
+    for _, (a, b) in compare_rows(
+            runs, lambda run: run.get("latency", []),
+            key=lambda g: (g["system"], g["queue_type"], g["pool"], g["rate_per_s"]),
+            order=lambda g: (rank(g["queue_type"], QUEUE_TYPES), rank(g["system"], SYSTEMS))):
+        g = a or b
+        what = f"latency, {g['queue_type']}, {fmt(g['rate_per_s'])}/s"
+        for field, name in (("start_ms", "submit → start"), ("ack_ms", "submit → ack")):
+            def lat(x):
+                if x is None:
+                    return "-"
+                return (f"p50 {fmt(x[field + '_p50'], 1)}, p99 {fmt(x[field + '_p99'], 1)}, "
+                        f"max {fmt(x[field + '_max'], 1)} ms")
+            other.append(f"| {what}, {name} | {g['system']} | {g['pool']} | {lat(a)} | {lat(b)} |")
+    for _, (a, b) in compare_rows(
+            runs, lambda run: run.get("retry_delay", []),
+            key=lambda g: (g["asked_s"], g["system"], g["queue_type"], g["pool"]),
+            order=lambda g: (g["asked_s"] or 0, rank(g["queue_type"], QUEUE_TYPES))):
+        g = a or b
+        def err(x):
+            if x is None:
+                return "-"
+            return (f"{fmt(x['error_ms_median'], 1)} ms ({fmt(x['error_ms_min'], 1)}–"
+                    f"{fmt(x['error_ms_max'], 1)})")
+        other.append(f"| retry delay {fmt(g['asked_s'], 0)} s, {g['queue_type']}, error | "
+                     f"{g['system']} | {g['pool']} | {err(a)} | {err(b)} |")
+
+    notes = []
+    for label, run in zip(labels, runs):
+        info = run.get("run_info") or {}
+        jobs = sorted({g["jobs"] for g in run.get("throughput", [])}, key=lambda j: number(j) or 0)
+        runs_n = sorted({g["runs"] for g in run.get("throughput", [])})
+        parts = [f"**{label}**" + (f" (Erlang/OTP {info['erlang']})" if info.get("erlang") else "")]
+        parts.append(f"{', '.join(f'{j:,}' for j in jobs) or '?'} jobs per measurement")
+        parts.append(f"{'-'.join(str(r) for r in sorted({runs_n[0], runs_n[-1]})) if runs_n else '?'}"
+                     " run(s)")
+        if info.get("commit"):
+            parts.append(f"commit {info['commit']}")
+        if info.get("started"):
+            parts.append(f"{info['started']} to {info.get('finished', '?')}")
+        parts.append(f"{info.get('cores') or run.get('cpu_count', '?')} cores")
+        parts.append(f"`{run['folder']}`")
+        notes.append("; ".join(parts))
+    jobs_sets = [{g["jobs"] for g in run.get("throughput", [])} for run in runs]
+    if jobs_sets[0] != jobs_sets[1]:
+        notes.append("Warning: the two runs measured different job counts; rows are matched by "
+                     "measure, system and pool only.")
+    text = "\n".join(
+        [f"Throughput, median of the runs (× = vs bare lapin's primary ceiling on the same broker "
+         f"and queue type; {short[0]} / {short[1]} = ratio of the medians):", ""] + lines
+        + (["", "Idle RSS, latency and retry delay (medians over the runs):", ""] + other
+           if len(other) > 2 else [])
+        + [""] + [n + "  " for n in notes]) + "\n"
+    sys.stdout.write(text)
+    if out_path:
+        with open(out_path, "w") as f:
+            f.write(text)
+        print(f"report: wrote {out_path}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("raw", nargs="+", help="JSON lines files (RAW.jsonl)")
-    parser.add_argument("--out-dir", required=True, help="where results.json, table.md and "
-                        "throughput.png go")
-    parser.add_argument("--broker", default="RabbitMQ 3.10", help="the broker, for the chart's "
-                        "title (default: RabbitMQ 3.10)")
+    parser.add_argument("raw", nargs="*", help="JSON lines files (RAW.jsonl)")
+    parser.add_argument("--out-dir", help="where results.json, table.md and throughput.png go")
+    parser.add_argument("--broker", help="the broker and its version, e.g. 'RabbitMQ 4.3.6', "
+                        "for the chart's title and results.json")
+    parser.add_argument("--run-info", help="run-info.txt of bench/run: its 'key: value' lines "
+                        "go into results.json")
+    parser.add_argument("--compare", nargs=2, metavar="DIR",
+                        help="two result folders (with results.json): print the side-by-side "
+                        "Markdown table instead")
+    parser.add_argument("--queue-types", default=",".join(QUEUE_TYPES),
+                        help="with --compare: the queue types, in column order "
+                        "(default quorum,classic)")
+    parser.add_argument("--out", help="with --compare: also write the table to this file")
     args = parser.parse_args(argv)
+    if args.compare:
+        if args.raw or args.out_dir:
+            parser.error("--compare takes two result folders, no RAW files or --out-dir")
+        return compare(args.compare, [q for q in args.queue_types.split(",") if q], args.out)
+    if not args.raw or not args.out_dir:
+        parser.error("RAW files and --out-dir are required (or --compare DIR_A DIR_B)")
+    run_info = read_run_info(args.run_info) if args.run_info else {}
+    broker = args.broker or run_info.get("broker") or "RabbitMQ (version not given)"
 
     records = read_records(args.raw)
     if not records:
@@ -532,6 +716,8 @@ def main(argv=None):
     unknown = [r for r in records if r.get("measure") not in KNOWN]
     sections, footer = build_sections(groups, skipped, scaling, memory, idle, latency, retry,
                                       unknown, records)
+    footer.insert(0, f"broker: {broker}" + (f" (Erlang/OTP {run_info['erlang']})"
+                                            if run_info.get("erlang") else ""))
 
     print("\n\n".join(s.text() for s in sections))
     print()
@@ -539,12 +725,14 @@ def main(argv=None):
 
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "table.md"), "w") as f:
-        f.write(f"## Warren benchmark ({', '.join(args.raw)})\n\n")
+        f.write(f"## Warren benchmark, {broker} ({', '.join(args.raw)})\n\n")
         f.write("\n\n".join(s.markdown() for s in sections))
         f.write("\n\n" + "\n".join(line + "  " for line in footer) + "\n")
     results = {
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "inputs": args.raw,
+        "broker": broker,
+        "run_info": run_info,
         "cpu_count": os.cpu_count(),
         "ratio_rule": "vs_primary / vs_secondary = group median jobs/s / median of the lapin "
                       "group with ceiling primary / secondary, same measure, queue type and jobs",
@@ -562,7 +750,7 @@ def main(argv=None):
         json.dump(results, f, indent=1)
         f.write("\n")
     png = os.path.join(args.out_dir, "throughput.png")
-    wrote_png = chart(groups, png, args.broker)
+    wrote_png = chart(groups, png, broker)
     print(f"\nreport: wrote {os.path.join(args.out_dir, 'results.json')}, "
           f"{os.path.join(args.out_dir, 'table.md')}" + (f", {png}" if wrote_png else
                                                          " (no throughput runs: no chart)"),
