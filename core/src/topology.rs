@@ -268,18 +268,52 @@ pub enum TopologyError {
 
 /// What the operator can do about a [`TopologyError::Mismatch`].
 fn mismatch_fix(what: &str, name: &str, detail: &str) -> String {
-    let read_only = name.ends_with(DEAD_SUFFIX) || name == UNROUTABLE;
-    if what == "queue" && read_only && detail.contains("'x-delivery-limit'") {
-        return format!(
+    if what != "queue" || name.starts_with("warren.delay.") {
+        return "Delete it (after draining it) or change the config to match".to_owned();
+    }
+    let why = match name.ends_with(DEAD_SUFFIX) || name == UNROUTABLE {
+        true if detail.contains("'x-delivery-limit'") => format!(
             "It was declared by an older Warren (or by hand) without the `x-delivery-limit = \
              {READ_SAFE_DELIVERY_LIMIT}` that keeps RabbitMQ 4.x from dropping its messages \
-             after 21 reads, and RabbitMQ cannot change a queue's arguments in place. Replace \
-             it: stop the workers, keep its messages elsewhere if you need them (`warren peek \
-             --queue {name}` shows them), delete it (`rabbitmqctl delete_queue {name}`), run \
-             `warren topology apply`, start the workers"
-        );
+             after 21 reads. "
+        ),
+        _ => String::new(),
+    };
+    format!(
+        "{why}RabbitMQ cannot change a queue's arguments in place: stop the workers consuming \
+         it and run `warren topology migrate`, which moves its messages to `{}`, declares it \
+         again with Warren's arguments and moves them back (or change the config to match)",
+        migration_queue(name)
+    )
+}
+
+/// Where `warren topology migrate` keeps the messages of `queue` while it declares the queue
+/// again (`warren.` names are reserved, so it cannot be anyone's queue).
+pub fn migration_queue(queue: &str) -> String {
+    format!("warren.migrate.{queue}")
+}
+
+/// The arguments of a [`migration_queue`]: quorum, and a delivery limit moving never reaches.
+pub fn migration_queue_arguments() -> FieldTable {
+    read_only_queue(QueueType::Quorum).0
+}
+
+/// The bindings that route messages into one of Warren's queues, as `(exchange, key)`: a
+/// work queue's, a dead-letter queue's or [`UNROUTABLE`]'s, as [`declare`] makes them.
+pub fn bindings_of(queue: &str) -> Vec<(String, String)> {
+    if queue == UNROUTABLE {
+        vec![(UNROUTABLE.to_owned(), String::new())]
+    } else if queue.ends_with(DEAD_SUFFIX) {
+        vec![(DEAD_EXCHANGE.to_owned(), queue.to_owned())]
+    } else {
+        vec![
+            (JOBS_EXCHANGE.to_owned(), queue.to_owned()),
+            (
+                DELAY_DELIVER_EXCHANGE.to_owned(),
+                delay::deliver_pattern(queue),
+            ),
+        ]
     }
-    "Delete it (after draining it) or change the config to match".to_owned()
 }
 
 /// Declares the shared exchanges, the delay levels, and each work queue with its dead-letter
@@ -584,8 +618,8 @@ mod tests {
             "queue `emails.dead` already exists",
             detail,
             "older Warren",
-            "rabbitmqctl delete_queue emails.dead",
-            "warren topology apply",
+            "warren topology migrate",
+            "warren.migrate.emails.dead",
         ] {
             assert!(text.contains(part), "{part:?} missing from: {text}");
         }
@@ -597,15 +631,24 @@ mod tests {
         assert!(
             unroutable
                 .to_string()
-                .contains("rabbitmqctl delete_queue warren.unroutable")
+                .contains("warren.migrate.warren.unroutable")
         );
-        // Other mismatches keep the general advice.
+        // A work queue whose settings changed can be migrated too, without the history.
         let work = TopologyError::Mismatch {
             what: "queue",
             name: "emails".into(),
-            detail: "inequivalent arg 'x-queue-type' for queue 'emails'".into(),
+            detail: "inequivalent arg 'x-delivery-limit' for queue 'emails'".into(),
         };
-        assert!(work.to_string().ends_with("change the config to match"));
+        let text = work.to_string();
+        assert!(text.contains("warren topology migrate"), "{text}");
+        assert!(!text.contains("older Warren"), "{text}");
+        // Exchanges and delay levels keep the general advice.
+        let delay = TopologyError::Mismatch {
+            what: "queue",
+            name: delay_level(3),
+            detail: "inequivalent arg 'x-message-ttl'".into(),
+        };
+        assert!(delay.to_string().ends_with("change the config to match"));
     }
 
     #[test]

@@ -162,17 +162,46 @@ fn progress_bar(total: u64) -> ProgressBar {
     bar
 }
 
+/// The configured queues and `extra` ones, once each.
+fn queues_with(dispatcher: &Dispatcher, extra: &[String]) -> Vec<String> {
+    let mut queues: Vec<String> = dispatcher.config().queues.keys().cloned().collect();
+    for queue in extra {
+        if !queues.contains(queue) {
+            queues.push(queue.clone());
+        }
+    }
+    queues
+}
+
+/// `warren topology migrate`: like `apply`, replacing the queues that differ (keeping their
+/// messages), each reported as it is done.
+pub async fn migrate_topology(
+    dispatcher: &Dispatcher,
+    extra_queues: &[String],
+) -> anyhow::Result<()> {
+    let queues = queues_with(dispatcher, extra_queues);
+    let (declared, migrated) = dispatcher
+        .migrate_topology(&queues, |done| {
+            println!(
+                "migrated queue {}: {} message(s) kept ({})",
+                done.queue, done.messages, done.reason
+            );
+        })
+        .await?;
+    eprintln!(
+        "declared {} exchanges, queues and bindings; {} queue(s) migrated",
+        declared.len(),
+        migrated.len()
+    );
+    Ok(())
+}
+
 /// `warren topology apply`: declares everything and prints it.
 pub async fn apply_topology(
     dispatcher: &Dispatcher,
     extra_queues: &[String],
 ) -> anyhow::Result<()> {
-    let mut queues: Vec<String> = dispatcher.config().queues.keys().cloned().collect();
-    for queue in extra_queues {
-        if !queues.contains(queue) {
-            queues.push(queue.clone());
-        }
-    }
+    let queues = queues_with(dispatcher, extra_queues);
     let declared = dispatcher.apply_topology(&queues).await?;
     for item in &declared {
         println!("{item}");

@@ -13,6 +13,7 @@
 
 pub mod cli;
 mod link;
+pub mod migrate;
 
 use std::time::Duration;
 
@@ -26,6 +27,7 @@ use warren_core::topology::{self, Declared, TopologyError};
 
 pub use link::LinkError;
 use link::Links;
+pub use migrate::{MigrateError, Migrated};
 
 /// Submits jobs over a connection that is reopened when lost.
 pub struct Dispatcher {

@@ -68,6 +68,14 @@ enum TopologyAction {
         #[arg(long)]
         queue: Vec<String>,
     },
+    /// Like apply, and replace each of Warren's queues that exists with other arguments (an
+    /// older Warren's dead-letter queues, changed queue settings), keeping its messages. Stop
+    /// the workers of those queues first.
+    Migrate {
+        /// Also declare (and migrate) this queue (repeatable).
+        #[arg(long)]
+        queue: Vec<String>,
+    },
 }
 
 #[tokio::main]
@@ -123,6 +131,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Command::Topology {
             action: TopologyAction::Apply { queue },
         } => cli::apply_topology(&dispatcher, queue).await,
+        Command::Topology {
+            action: TopologyAction::Migrate { queue },
+        } => cli::migrate_topology(&dispatcher, queue).await,
         Command::Peek { queue, count } => cli::peek(&dispatcher, queue, *count).await,
     };
     dispatcher.close().await;

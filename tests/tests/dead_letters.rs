@@ -5,7 +5,8 @@
 //! delivery (closing: on both versions; `warren peek`'s nack: on 3.10 only), and a quorum
 //! queue drops a message past its delivery limit: 20 on 4.x unless declared, and `-1` drops
 //! on the first return on 3.10. And queues left by an older Warren are refused with a
-//! message that says how to replace them.
+//! message that says how to replace them, and `warren topology migrate` replaces them keeping
+//! every message.
 //!
 //! Two tests use a vhost of their own (`scripts/broker ctl`): against another node, set the
 //! `WARREN_BROKER_*` variables as well as `WARREN_AMQP_URL` (see `scripts/broker`).
@@ -15,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use lapin::options::{
     BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Connection};
@@ -104,11 +104,14 @@ async fn unroutable_jobs_survive_100_reads() {
 }
 
 /// Given a vhost where an older Warren declared `warren.unroutable` and a `<queue>.dead`
-/// without `x-delivery-limit`, when this Warren declares its topology there, then each is
-/// refused with an error naming the queue, the argument and the fix; after following it
-/// (delete the queue, declare again) the topology is declared.
+/// without `x-delivery-limit`, and the work queue with `delivery_limit` 10 where the config now
+/// says 4, all holding messages, and a `warren.migrate.<queue>.dead` left by an interrupted
+/// migration: when this Warren declares its topology there, each queue is refused with an error
+/// naming it, the argument and `warren topology migrate`; the migration refuses while a
+/// consumer is on a queue, and then replaces all three with Warren's arguments, every message
+/// kept with its headers, the interrupted one's included, and no `warren.migrate.*` left.
 #[tokio::test]
-async fn queues_of_an_older_warren_are_refused_with_the_fix() {
+async fn queues_of_an_older_warren_are_migrated_with_their_messages() {
     let vhost = tokio::task::spawn_blocking(|| TempVhost::new("older-warren"))
         .await
         .expect("vhost");
@@ -116,60 +119,196 @@ async fn queues_of_an_older_warren_are_refused_with_the_fix() {
     let dead = topology::dead_queue(&queue);
     let mut config = config(&[&queue]);
     config.broker.url = vhost.url();
+    if let Some(settings) = config.queues.get_mut(&queue) {
+        settings.delivery_limit = 4;
+    }
     let connection = connect_to(&config.broker).await;
     let setup = connection.create_channel().await.expect("channel");
-    // What Warren declared before: quorum, nothing else.
-    for name in [topology::UNROUTABLE, dead.as_str()] {
+    setup
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    // What an older Warren declared: quorum, no limit on the read-only queues; the work queue
+    // with the limit of the old config.
+    let quorum_only = || {
         let mut old = FieldTable::default();
         old.insert(
             "x-queue-type".into(),
             AMQPValue::LongString(LongString::from("quorum")),
         );
+        old
+    };
+    let mut old_settings = config.queue(&queue);
+    old_settings.delivery_limit = 10;
+    let parked = topology::migration_queue(&dead);
+    for (name, args) in [
+        (topology::UNROUTABLE.to_owned(), quorum_only()),
+        (dead.clone(), quorum_only()),
+        (
+            queue.clone(),
+            topology::work_queue_arguments(&queue, &old_settings),
+        ),
+        (parked.clone(), topology::migration_queue_arguments()),
+    ] {
         setup
-            .queue_declare(
-                name.into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                old,
-            )
+            .queue_declare(name.as_str().into(), durable(), args)
             .await
             .expect("declaring the old queue");
     }
+    let mut expected: Vec<(String, BTreeSet<String>)> = Vec::new();
+    for (name, n) in [
+        (topology::UNROUTABLE.to_owned(), 2),
+        (dead.clone(), 3),
+        (queue.clone(), 2),
+        (parked.clone(), 1),
+    ] {
+        let mut ids = BTreeSet::new();
+        for i in 0..n {
+            let id = format!("{name}-{i}");
+            let mut headers = FieldTable::default();
+            headers.insert(
+                "x-warren-error".into(),
+                AMQPValue::LongString(LongString::from(format!("error of {id}"))),
+            );
+            let properties = BasicProperties::default()
+                .with_message_id(id.as_str().into())
+                .with_type("echo".into())
+                .with_headers(headers);
+            let confirm = setup
+                .basic_publish(
+                    "".into(),
+                    name.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    b"{}",
+                    properties,
+                )
+                .await
+                .expect("publish")
+                .await
+                .expect("confirm");
+            assert!(confirm.is_ack() && confirm.take_message().is_none());
+            ids.insert(id);
+        }
+        expected.push((name, ids));
+    }
     let settings = config.queue(&queue);
 
-    for refused in [topology::UNROUTABLE, dead.as_str()] {
-        let channel = connection.create_channel().await.expect("channel");
-        let err = topology::declare(&channel, &[(&queue, &settings)])
-            .await
-            .expect_err("an old queue is refused");
-        let TopologyError::Mismatch { name, detail, .. } = &err else {
-            panic!("expected a mismatch, got {err}");
-        };
-        assert_eq!(name, refused);
-        assert!(detail.contains("'x-delivery-limit'"), "{detail}");
-        let text = err.to_string();
-        for part in [
-            "older Warren".to_owned(),
-            format!("rabbitmqctl delete_queue {refused}"),
-            "warren topology apply".to_owned(),
-        ] {
-            assert!(text.contains(&part), "{part:?} missing from: {text}");
-        }
-        println!("{text}");
-        // The fix: (the queue is empty here) delete it, then declare again.
-        setup
-            .queue_delete(refused.into(), QueueDeleteOptions::default())
-            .await
-            .expect("delete");
+    // Refused, with the way out.
+    let channel = connection.create_channel().await.expect("channel");
+    let err = topology::declare(&channel, &[(&queue, &settings)])
+        .await
+        .expect_err("an old queue is refused");
+    let TopologyError::Mismatch { name, detail, .. } = &err else {
+        panic!("expected a mismatch, got {err}");
+    };
+    assert_eq!(name, topology::UNROUTABLE);
+    assert!(detail.contains("'x-delivery-limit'"), "{detail}");
+    let text = err.to_string();
+    for part in ["older Warren", "warren topology migrate"] {
+        assert!(text.contains(part), "{part:?} missing from: {text}");
     }
+
+    // Not while someone consumes one of them.
+    let dispatcher = dispatcher_in(&config).await;
+    let consumer = connection.create_channel().await.expect("channel");
+    consumer
+        .basic_consume(
+            topology::UNROUTABLE.into(),
+            "old-worker".into(),
+            lapin::options::BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let queues = vec![queue.clone()];
+    let err = dispatcher
+        .migrate_topology(&queues, |_| {})
+        .await
+        .expect_err("a consumed queue is not migrated");
+    assert!(
+        matches!(&err, warren_dispatcher::MigrateError::Consumers { queue, consumers: 1 } if queue == topology::UNROUTABLE),
+        "{err}"
+    );
+    consumer.close(200, "stopped".into()).await.expect("close");
+
+    let mut told = Vec::new();
+    let (_, migrated) = dispatcher
+        .migrate_topology(&queues, |m| told.push(m.queue.clone()))
+        .await
+        .expect("migrated");
+    let counts: Vec<(String, u64)> = migrated
+        .iter()
+        .map(|m| (m.queue.clone(), m.messages))
+        .collect();
+    assert_eq!(
+        counts,
+        [
+            (topology::UNROUTABLE.to_owned(), 2),
+            (dead.clone(), 4),
+            (queue.clone(), 2)
+        ]
+    );
+    assert_eq!(told.len(), 3);
+
+    // Now Warren's arguments, every message kept with its headers, nothing parked.
     let channel = connection.create_channel().await.expect("channel");
     topology::declare(&channel, &[(&queue, &settings)])
         .await
-        .expect("declared after the old queues were replaced");
+        .expect("declared after the migration");
+    let mut homes: Vec<(String, BTreeSet<String>)> = Vec::new();
+    for (name, ids) in expected {
+        let home = if name == parked { dead.clone() } else { name };
+        match homes.iter_mut().find(|(h, _)| *h == home) {
+            Some((_, all)) => all.extend(ids),
+            None => homes.push((home, ids)),
+        }
+    }
+    for (home, ids) in &homes {
+        let found = read(&connection, home, ids.len()).await;
+        assert_eq!(&found, ids, "{home}");
+    }
+    wait_ready(&setup, &dead, 4).await;
+    let message = setup
+        .basic_get(dead.as_str().into(), BasicGetOptions { no_ack: false })
+        .await
+        .expect("get")
+        .expect("a dead letter");
+    let error = header(&message.delivery, "x-warren-error").unwrap_or_default();
+    assert!(error.starts_with("error of "), "{error}");
+    for name in [&parked, &topology::migration_queue(topology::UNROUTABLE)] {
+        let check = connection.create_channel().await.expect("channel");
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        assert!(
+            check
+                .queue_declare(name.as_str().into(), passive, FieldTable::default())
+                .await
+                .is_err(),
+            "{name} is left over"
+        );
+    }
+    dispatcher.close().await;
     let _ = connection.close(200, "done".into()).await;
     drop(vhost);
+}
+
+fn durable() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    }
+}
+
+/// A dispatcher on `config` that declares nothing.
+async fn dispatcher_in(config: &warren_core::config::Config) -> warren_dispatcher::Dispatcher {
+    warren_dispatcher::Dispatcher::connect(config)
+        .await
+        .expect("dispatcher")
 }
 
 /// Reads `queue` [`READS`] times with `warren peek` and [`READS`] times by fetching everything
