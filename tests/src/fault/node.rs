@@ -173,6 +173,24 @@ impl Node {
         self.ctl(&["eval", expression]).await
     }
 
+    /// The RabbitMQ version the node runs, as it reports it (`4.3.6`).
+    pub async fn version(&self) -> Result<String, NodeError> {
+        let text = self.eval("rabbit_misc:version().").await?;
+        Ok(text.trim().trim_matches('"').to_owned())
+    }
+
+    /// Where the node keeps its metadata: `khepri` (4.x) or `mnesia` (3.x, or a 4.x node
+    /// without the `khepri_db` feature flag).
+    pub async fn metadata_store(&self) -> Result<String, NodeError> {
+        let text = self
+            .eval(
+                "case code:which(rabbit_khepri) of non_existing -> mnesia; \
+                 _ -> case rabbit_khepri:is_enabled() of true -> khepri; _ -> mnesia end end.",
+            )
+            .await?;
+        Ok(text.trim().to_owned())
+    }
+
     /// The node's pids of the connections of worker process `pid` (Warren names them
     /// `warren-worker <host>:<pid> consume|publish`), sorted: a worker that started a new
     /// session has other connections than before.

@@ -6,6 +6,9 @@
 //! back through the delay levels' at-least-once dead-lettering. Recovery: from the kill to the
 //! first job started 0.5 s after it or later.
 //!
+//! The cluster runs the suite's RabbitMQ version (`WARREN_RABBITMQ`, 4.3 by default: metadata
+//! in Khepri; 3.10: Mnesia with `pause_minority`) and is judged the same way on both.
+//!
 //! RabbitMQ's at-least-once dead-lettering re-sends a dead letter whose publish to its target
 //! was not confirmed only after `dead_letter_worker_publisher_confirm_timeout` (180 s by
 //! default); retries expiring from a delay level while the work queue's leader is being lost
@@ -65,11 +68,18 @@ async fn queue_leader(node: &Node, vhost: &str, queue: &str) -> anyhow::Result<S
 pub async fn run(bin: &Path) -> anyhow::Result<Report> {
     node::start_cluster().await?;
     let nodes = node::cluster();
+    // Which broker the cluster runs (scripts/cluster follows WARREN_RABBITMQ, like the fault
+    // node): RabbitMQ 4.x keeps its metadata in Khepri, 3.x in Mnesia (with pause_minority).
+    let version = nodes[0].version().await?;
+    let store = nodes[0].metadata_store().await?;
     for node in &nodes {
         set_dlx_confirm_timeout(node).await?;
     }
     let mut s = Scenario::new(3, "cluster-leader-kill", nodes.to_vec(), bin).await?;
     let mut report = Report::new(3, s.name);
+    report.note(format!(
+        "3-node cluster of RabbitMQ {version}, metadata in {store}"
+    ));
     let settings = Settings::default();
     let all = s.urls();
     let rotate = |k: usize| -> Vec<String> { (0..3).map(|i| all[(i + k) % 3].clone()).collect() };

@@ -56,6 +56,13 @@ pub async fn run_suite(bin: &Path, selection: &[u8]) -> Vec<Report> {
         report.fail(format!("{err}"));
         return vec![report];
     }
+    match single.version().await {
+        Ok(version) => eprintln!(
+            "fault suite on RabbitMQ {version} ({})",
+            single.erlang_name()
+        ),
+        Err(err) => eprintln!("the fault node did not tell its version: {err}"),
+    }
     for (number, name) in ALL {
         if !selection.contains(&number) {
             continue;

@@ -5,7 +5,7 @@
 //!
 //! Run twice: with concurrency 1 and prefetch 1, and as `5b` with concurrency 8 and prefetch 8
 //! (both set explicitly: Warren's default prefetch is twice the concurrency). On RabbitMQ 3.10
-//! a quorum queue counts a delivery for every message a dead consumer held, so good jobs
+//! and 4.3 alike a quorum queue counts a delivery for every message a dead consumer held, so good jobs
 //! prefetched beside the poison one (and not finished before the crash) are redelivered with
 //! it, in the same order, and can reach the delivery limit with it: `5b` reports how many
 //! (they are dead-lettered, not lost) instead of failing on them.
@@ -133,7 +133,7 @@ pub async fn run(bin: &Path, label: &str, concurrency: u16) -> anyhow::Result<Re
         );
     } else if !collateral.is_empty() {
         report.note(format!(
-            "LIMITATION (RabbitMQ 3.10 quorum queues + prefetch {concurrency}): {} good jobs prefetched beside the \
+            "LIMITATION (quorum queues + prefetch {concurrency}): {} good jobs prefetched beside the \
              poison job reached the delivery limit with it and were dead-lettered ({never_ran} of them never ran); \
              none lost",
             collateral.len()
