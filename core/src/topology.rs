@@ -523,17 +523,22 @@ pub fn short(name: &str) -> Result<ShortString, NameError> {
     ShortString::try_new(name).map_err(|_| NameError::Length(name.len()))
 }
 
-/// The arguments of a worker's consumer: `x-consumer-timeout` in milliseconds, the longest a
-/// delivery may stay unacked before the broker takes it back (see
-/// [`crate::config::Config::consumer_timeout`]). RabbitMQ 4.x answers an overdue delivery with
-/// `basic.cancel` and returns it to the queue; 3.12+ honours the argument too; 3.10 ignores it
-/// and closes the channel after its broker-wide `consumer_timeout` instead.
-pub fn consumer_arguments(timeout: std::time::Duration) -> FieldTable {
+/// The arguments of a worker's consumer of a `queue_type` queue: for a quorum queue,
+/// `x-consumer-timeout` in milliseconds, the longest a delivery may stay unacked before the
+/// broker takes it back (see [`crate::config::Config::consumer_timeout`]). RabbitMQ 4.x answers
+/// an overdue delivery with `basic.cancel` and returns it to the queue; 3.12+ honours the
+/// argument too; 3.10 ignores it and closes the channel after its broker-wide
+/// `consumer_timeout` instead. Classic queues: nothing — RabbitMQ 4.3 refuses the argument
+/// there (`PRECONDITION_FAILED - invalid arg 'x-consumer-timeout'`), and has no consumer
+/// timeout for them at all.
+pub fn consumer_arguments(queue_type: QueueType, timeout: std::time::Duration) -> FieldTable {
     let mut args = Arguments(FieldTable::default());
-    args.long(
-        "x-consumer-timeout",
-        i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX),
-    );
+    if queue_type == QueueType::Quorum {
+        args.long(
+            "x-consumer-timeout",
+            i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX),
+        );
+    }
     args.0
 }
 

@@ -194,3 +194,29 @@ async fn a_job_that_always_overruns_ends_in_the_dead_letters_after_its_attempts(
     cleanup(&channel, &[&queue]).await;
     dispatcher.close().await;
 }
+
+/// Given a classic work queue, then a worker consumes it: RabbitMQ 4.3 refuses
+/// `x-consumer-timeout` on classic queues, so Warren asks for it on quorum queues only.
+#[tokio::test]
+async fn a_classic_queue_is_consumed_without_a_consumer_timeout() {
+    let queue = unique_queue("classic-timeout");
+    let mut config = config(&[&queue]);
+    if let Some(q) = config.queues.get_mut(&queue) {
+        q.queue_type = warren_core::config::QueueType::Classic;
+    }
+    let dispatcher = dispatcher(&config).await;
+    let recorder = Recorder::new();
+    let mut registry = Registry::new();
+    recorder.handle(&mut registry, "echo", |_| Ok(None));
+    let worker = start_worker(&config, registry, &[&queue]);
+    dispatcher
+        .submit(NewJob::new(&queue, "echo", &json!({ "classic": true })))
+        .await
+        .expect("submitted");
+    let calls = recorder.wait_for(1, Duration::from_secs(20)).await;
+    assert_eq!(calls[0].payload, json!({ "classic": true }));
+    worker.stop().await;
+    let channel = connect().await.create_channel().await.expect("channel");
+    cleanup(&channel, &[&queue]).await;
+    dispatcher.close().await;
+}

@@ -517,7 +517,7 @@ impl Process {
             (*queue.name).into(),
             tag.as_str().into(),
             options,
-            topology::consumer_arguments(queue.consumer_timeout),
+            topology::consumer_arguments(queue.config.queue_type, queue.consumer_timeout),
         );
         let consumer = deadline(
             timeout,
