@@ -5,8 +5,10 @@
 //! an error always names the file and the key. Durations are written the humane way (`"30s"`,
 //! `"5m"`, `"1h 30m"`).
 //!
-//! Where a file comes from is decided by [`Config::load`]; `WARREN_AMQP_URL` overrides
-//! `broker.url` so that containers and tests can point at another broker without a file.
+//! Where a file comes from is decided by [`Config::load`]; environment variables override the
+//! broker's address and TLS files ([`ENV_OVERRIDES`]) so that containers and tests can point at
+//! another broker without a file. An error about an overridden key names the variable, not the
+//! file. Broker URLs are shown with their password masked ([`crate::secret`]), in errors too.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,8 +18,26 @@ use serde::Deserialize;
 
 use crate::{delay, topology};
 
-/// Environment variable that overrides `broker.url`.
+/// Environment variable that overrides `broker.url`: one URL (a `,` in it is part of it).
 pub const AMQP_URL_ENV: &str = "WARREN_AMQP_URL";
+/// Environment variable that overrides `broker.failover_urls`: URLs separated by whitespace,
+/// which cannot appear in a URL (a `,` can, in a password).
+pub const FAILOVER_URLS_ENV: &str = "WARREN_AMQP_FAILOVER_URLS";
+/// Environment variables that override `[broker.tls]` keys.
+pub const TLS_CA_FILE_ENV: &str = "WARREN_TLS_CA_FILE";
+pub const TLS_CERT_FILE_ENV: &str = "WARREN_TLS_CERT_FILE";
+pub const TLS_KEY_FILE_ENV: &str = "WARREN_TLS_KEY_FILE";
+pub const TLS_SERVER_NAME_ENV: &str = "WARREN_TLS_SERVER_NAME";
+/// Every environment override: (variable, the key it replaces). An empty variable counts as
+/// unset.
+pub const ENV_OVERRIDES: [(&str, &str); 6] = [
+    (AMQP_URL_ENV, "broker.url"),
+    (FAILOVER_URLS_ENV, "broker.failover_urls"),
+    (TLS_CA_FILE_ENV, "broker.tls.ca_file"),
+    (TLS_CERT_FILE_ENV, "broker.tls.cert_file"),
+    (TLS_KEY_FILE_ENV, "broker.tls.key_file"),
+    (TLS_SERVER_NAME_ENV, "broker.tls.server_name"),
+];
 /// Environment variable naming the config file when no `--config` is given.
 pub const CONFIG_ENV: &str = "WARREN_CONFIG";
 /// Looked for in the working directory when neither `--config` nor `WARREN_CONFIG` is given.
@@ -41,6 +61,9 @@ pub struct Config {
     pub queues: BTreeMap<String, QueueConfig>,
     /// Where this configuration was read from, for error messages.
     pub source: ConfigSource,
+    /// Keys set by an environment variable ([`ENV_OVERRIDES`]), with the variable's name: an
+    /// error about such a key names the variable as its origin.
+    pub env_overrides: BTreeMap<&'static str, &'static str>,
 }
 
 /// The file as written: queue sections stay raw tables until they are merged over
@@ -62,6 +85,8 @@ pub enum ConfigSource {
     #[default]
     Defaults,
     File(PathBuf),
+    /// An environment variable (e.g. `WARREN_AMQP_URL`), for the key it overrides.
+    Env(&'static str),
 }
 
 impl std::fmt::Display for ConfigSource {
@@ -69,6 +94,7 @@ impl std::fmt::Display for ConfigSource {
         match self {
             ConfigSource::Defaults => f.write_str("(built-in defaults)"),
             ConfigSource::File(path) => write!(f, "{}", path.display()),
+            ConfigSource::Env(var) => write!(f, "${var}"),
         }
     }
 }
@@ -77,11 +103,14 @@ impl std::fmt::Display for ConfigSource {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
-    /// AMQP URL, vhost percent-encoded (`%2f` is `/`).
+    /// AMQP URL, vhost percent-encoded (`%2f` is `/`): `amqp://` (plaintext) or `amqps://`
+    /// (TLS). It holds the password: show it only through [`crate::secret::mask_url`].
     pub url: String,
     /// More nodes of the same cluster: connecting tries `url` and then these in turn, and a
-    /// lost connection fails over to the next one.
+    /// lost connection fails over to the next one. Same scheme as `url`.
     pub failover_urls: Vec<String>,
+    /// `[broker.tls]`: certificates for `amqps://` URLs (only allowed with them).
+    pub tls: TlsConfig,
     /// AMQP heartbeat interval: a silent peer is declared dead after two missed beats.
     #[serde(with = "humane")]
     pub heartbeat: Duration,
@@ -104,11 +133,37 @@ impl BrokerConfig {
     }
 }
 
+/// `[broker.tls]`: TLS to the broker (`amqps://` URLs). Every key is optional: without
+/// `ca_file` the system's trust store is used.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM file of the CA(s) that signed the broker's certificate; when set, only these are
+    /// trusted.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain), presented to the broker; with it the login is SASL
+    /// EXTERNAL (the user named by the certificate) unless the URL sets `?auth_mechanism=`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file` (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+    /// The name the broker's certificate must carry, when it is not the URL's host (e.g.
+    /// connecting to an IP address or through a tunnel).
+    pub server_name: Option<String>,
+}
+
+impl TlsConfig {
+    /// Whether any key is set.
+    pub fn is_set(&self) -> bool {
+        *self != TlsConfig::default()
+    }
+}
+
 impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
             failover_urls: Vec::new(),
+            tls: TlsConfig::default(),
             heartbeat: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             operation_timeout: Duration::from_secs(30),
@@ -290,18 +345,52 @@ impl Config {
             Some(path) => Config::from_file(&path)?,
             None => Config::default(),
         };
-        if let Ok(urls) = std::env::var(AMQP_URL_ENV) {
-            let mut urls = urls
-                .split(',')
-                .map(|u| u.trim().to_owned())
-                .filter(|u| !u.is_empty());
-            if let Some(first) = urls.next() {
-                config.broker.url = first;
-                config.broker.failover_urls = urls.collect();
-            }
-        }
+        config.apply_env(|var| std::env::var(var).ok());
         config.validate()?;
         Ok(config)
+    }
+
+    /// Applies the environment overrides ([`ENV_OVERRIDES`]) read through `var`; an empty or
+    /// all-blank value counts as unset.
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) {
+        let var = |name: &str| var(name).filter(|value| !value.trim().is_empty());
+        let mut set = |key: &'static str, name: &'static str| {
+            self.env_overrides.insert(key, name);
+        };
+        if let Some(url) = var(AMQP_URL_ENV) {
+            self.broker.url = url.trim().to_owned();
+            set("broker.url", AMQP_URL_ENV);
+        }
+        if let Some(urls) = var(FAILOVER_URLS_ENV) {
+            self.broker.failover_urls = urls.split_whitespace().map(str::to_owned).collect();
+            set("broker.failover_urls", FAILOVER_URLS_ENV);
+        }
+        let tls = &mut self.broker.tls;
+        if let Some(path) = var(TLS_CA_FILE_ENV) {
+            tls.ca_file = Some(PathBuf::from(path));
+            set("broker.tls.ca_file", TLS_CA_FILE_ENV);
+        }
+        if let Some(path) = var(TLS_CERT_FILE_ENV) {
+            tls.cert_file = Some(PathBuf::from(path));
+            set("broker.tls.cert_file", TLS_CERT_FILE_ENV);
+        }
+        if let Some(path) = var(TLS_KEY_FILE_ENV) {
+            tls.key_file = Some(PathBuf::from(path));
+            set("broker.tls.key_file", TLS_KEY_FILE_ENV);
+        }
+        if let Some(name) = var(TLS_SERVER_NAME_ENV) {
+            tls.server_name = Some(name.trim().to_owned());
+            set("broker.tls.server_name", TLS_SERVER_NAME_ENV);
+        }
+    }
+
+    /// Where the value of `key` came from: the environment variable that set it, or the
+    /// config's source.
+    pub fn origin_of(&self, key: &str) -> ConfigSource {
+        self.env_overrides
+            .iter()
+            .find(|(k, _)| key == **k || key.starts_with(&format!("{k}[")))
+            .map_or_else(|| self.source.clone(), |(_, var)| ConfigSource::Env(var))
     }
 
     /// Reads and parses one file, without validating it.
@@ -339,6 +428,7 @@ impl Config {
             queue_defaults,
             queues,
             source: ConfigSource::Defaults,
+            env_overrides: BTreeMap::new(),
         })
     }
 
@@ -409,19 +499,12 @@ impl Config {
     /// Checks what the types alone cannot. The first problem found is returned.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key: String, reason: String| ConfigError::Invalid {
-            origin: self.source.clone(),
+            origin: self.origin_of(&key),
             key,
             reason,
         };
-        for (i, url) in self.broker.addresses().enumerate() {
-            if let Err(err) = url.parse::<lapin::uri::AMQPUri>() {
-                let key = match i {
-                    0 => "broker.url".to_owned(),
-                    _ => format!("broker.failover_urls[{}]", i - 1),
-                };
-                return Err(invalid(key, format!("is not an AMQP URL: {err}")));
-            }
-        }
+        self.validate_broker_addresses()
+            .map_err(|(key, reason)| invalid(key, reason))?;
         if self.broker.heartbeat.as_secs() > u64::from(u16::MAX) {
             return Err(invalid(
                 "broker.heartbeat".into(),
@@ -465,6 +548,115 @@ impl Config {
             queue
                 .validate()
                 .map_err(|(key, reason)| invalid(format!("queues.{name}.{key}"), reason))?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The addresses and `[broker.tls]`: each URL parses (its password masked in the error),
+    /// its scheme is one Warren honours, all share one scheme (a failover never drops TLS), and
+    /// `[broker.tls]` comes only with `amqps://`. On error, the key and why.
+    fn validate_broker_addresses(&self) -> Result<(), (String, String)> {
+        let mut schemes = Vec::new();
+        for (i, url) in self.broker.addresses().enumerate() {
+            let key = match i {
+                0 => "broker.url".to_owned(),
+                _ => format!("broker.failover_urls[{}]", i - 1),
+            };
+            let shown = crate::secret::mask_url(url);
+            let scheme = url.split_once("://").map(|(scheme, _)| scheme);
+            match scheme {
+                Some("amqp" | "amqps") => {}
+                Some(other) => {
+                    let other = crate::secret::mask_url(other);
+                    return Err((
+                        key,
+                        format!(
+                            "has the scheme `{other}:` ({shown}): Warren speaks amqp:// (plaintext) \
+                             and amqps:// (TLS) only"
+                        ),
+                    ));
+                }
+                None => {
+                    return Err((
+                        key,
+                        format!(
+                            "is not an AMQP URL ({shown}): it must start with amqp:// or amqps://"
+                        ),
+                    ));
+                }
+            }
+            let joined = url
+                .split_once("://")
+                .is_some_and(|(_, rest)| rest.contains("://"));
+            if joined {
+                let mut reason =
+                    format!("holds more than one URL ({shown}): give one URL per address");
+                if i == 0 && self.env_overrides.contains_key("broker.url") {
+                    reason.push_str(&format!(
+                        "; ${AMQP_URL_ENV} holds one URL: list the other nodes in \
+                         ${FAILOVER_URLS_ENV}, separated by spaces"
+                    ));
+                }
+                return Err((key, reason));
+            }
+            if let Err(err) = url.parse::<lapin::uri::AMQPUri>() {
+                return Err((
+                    key,
+                    format!(
+                        "is not a valid AMQP URL ({shown}): {}; percent-encode special \
+                         characters in the user name and password (e.g. `@` as %40, `/` as %2F)",
+                        crate::secret::mask_in(&err, url)
+                    ),
+                ));
+            }
+            schemes.push((key, scheme == Some("amqps")));
+        }
+        let tls = schemes.first().is_some_and(|(_, tls)| *tls);
+        if let Some((key, _)) = schemes.iter().find(|(_, t)| *t != tls) {
+            return Err((
+                key.clone(),
+                format!(
+                    "is {} while broker.url is {}: every address must use the same scheme, so \
+                     that failing over never drops TLS",
+                    if tls { "amqp://" } else { "amqps://" },
+                    if tls { "amqps://" } else { "amqp://" },
+                ),
+            ));
+        }
+        if !tls && self.broker.tls.is_set() {
+            let key = ["ca_file", "cert_file", "key_file", "server_name"]
+                .into_iter()
+                .map(|k| format!("broker.tls.{k}"))
+                .find(|k| self.env_overrides.contains_key(k.as_str()))
+                .unwrap_or_else(|| "broker.tls".to_owned());
+            return Err((
+                key,
+                "is set but broker.url is amqp:// (plaintext): use an amqps:// URL to the \
+                 broker's TLS listener; Warren never connects in plaintext when TLS is configured"
+                    .to_owned(),
+            ));
+        }
+        let tls_files = &self.broker.tls;
+        if tls_files.cert_file.is_some() != tls_files.key_file.is_some() {
+            let missing = if tls_files.cert_file.is_some() {
+                "key_file"
+            } else {
+                "cert_file"
+            };
+            return Err((
+                format!("broker.tls.{missing}"),
+                "is missing: cert_file and key_file go together".to_owned(),
+            ));
+        }
+        if let Some(name) = &tls_files.server_name
+            && rustls::pki_types::ServerName::try_from(name.as_str()).is_err()
+        {
+            return Err((
+                "broker.tls.server_name".to_owned(),
+                format!("`{name}` is not a DNS name or IP address"),
+            ));
         }
         Ok(())
     }
@@ -698,6 +890,153 @@ mod tests {
         let defaults = Config::default();
         assert!(defaults.consumer_timeout(&["q"]) > defaults.queue("q").job_timeout);
         assert!(defaults.consumer_timeout(&["q"]) < BROKER_CONSUMER_TIMEOUT);
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let pairs: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |name| {
+            pairs
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        }
+    }
+
+    #[test]
+    fn the_url_from_the_environment_is_one_url_even_with_a_comma() {
+        let mut config = Config::default();
+        config.apply_env(env(&[(
+            AMQP_URL_ENV,
+            "amqp://guest:s3cr3t,tail@127.0.0.1:5672/%2f",
+        )]));
+        assert_eq!(
+            config.broker.url,
+            "amqp://guest:s3cr3t,tail@127.0.0.1:5672/%2f"
+        );
+        assert!(config.broker.failover_urls.is_empty());
+        config.validate().expect("a comma is fine in a password");
+        assert_eq!(
+            config.origin_of("broker.url"),
+            ConfigSource::Env(AMQP_URL_ENV)
+        );
+        assert_eq!(
+            config.origin_of("worker.concurrency"),
+            ConfigSource::Defaults
+        );
+    }
+
+    #[test]
+    fn failover_urls_from_the_environment_are_split_on_whitespace() {
+        let mut config = Config::default();
+        config.apply_env(env(&[(
+            FAILOVER_URLS_ENV,
+            " amqp://a:p,w@h1/%2f\n\tamqp://a:p,w@h2/%2f ",
+        )]));
+        assert_eq!(
+            config.broker.failover_urls,
+            ["amqp://a:p,w@h1/%2f", "amqp://a:p,w@h2/%2f"]
+        );
+        config.validate().expect("valid");
+    }
+
+    #[test]
+    fn a_bad_url_from_the_environment_names_the_variable_and_hides_the_password() {
+        let mut config = Config::default();
+        config.apply_env(env(&[(
+            AMQP_URL_ENV,
+            "amqp://guest:s3cr3t@127.0.0.1:5672/%2f,amqp://guest:s3cr3t@127.0.0.1:99999/%2f",
+        )]));
+        let err = config.validate().expect_err("two URLs").to_string();
+        assert!(
+            err.starts_with("invalid config $WARREN_AMQP_URL: `broker.url`"),
+            "{err}"
+        );
+        assert!(!err.contains("s3cr3t"), "{err}");
+        assert!(err.contains("WARREN_AMQP_FAILOVER_URLS"), "{err}");
+
+        let mut config = Config::default();
+        config.apply_env(env(&[(AMQP_URL_ENV, "guest:hunter2@127.0.0.1")]));
+        let err = config.validate().expect_err("no scheme").to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+
+        let mut config = Config::default();
+        config.apply_env(env(&[(
+            AMQP_URL_ENV,
+            "amqp://guest:hunter2@127.0.0.1:99999/%2f",
+        )]));
+        let err = config
+            .validate()
+            .expect_err("port out of range")
+            .to_string();
+        assert!(
+            !err.contains("hunter2") && err.contains("guest:***@"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn schemes_warren_cannot_honour_are_errors() {
+        for (url, expected) in [
+            ("http://guest:pw@h/", "Warren speaks amqp://"),
+            ("amqp+ssl://guest:pw@h/", "Warren speaks amqp://"),
+            ("rabbit.example.com", "must start with amqp:// or amqps://"),
+        ] {
+            let config =
+                Config::from_toml(&format!("[broker]\nurl = \"{url}\"\n")).expect("parses");
+            let err = config.validate().expect_err(url).to_string();
+            assert!(
+                err.contains("broker.url") && err.contains(expected),
+                "{err}"
+            );
+            assert!(!err.contains(":pw@"), "{err}");
+        }
+    }
+
+    #[test]
+    fn tls_settings_need_amqps_everywhere() {
+        let config = Config::from_toml(
+            "[broker]\nurl = \"amqp://guest:guest@h/%2f\"\n[broker.tls]\nca_file = \"ca.pem\"\n",
+        )
+        .expect("parses");
+        let err = config.validate().expect_err("tls with amqp").to_string();
+        assert!(
+            err.contains("`broker.tls` is set but broker.url is amqp://"),
+            "{err}"
+        );
+
+        let mut config = Config::default();
+        config.apply_env(env(&[(TLS_CA_FILE_ENV, "/etc/ca.pem")]));
+        let err = config.validate().expect_err("tls with amqp").to_string();
+        assert!(
+            err.starts_with("invalid config $WARREN_TLS_CA_FILE: `broker.tls.ca_file`"),
+            "{err}"
+        );
+
+        let config = Config::from_toml(
+            "[broker]\nurl = \"amqps://guest:guest@h1/%2f\"\nfailover_urls = [\"amqp://guest:guest@h2/%2f\"]\n",
+        )
+        .expect("parses");
+        let err = config.validate().expect_err("mixed").to_string();
+        assert!(
+            err.contains("broker.failover_urls[0]") && err.contains("drops TLS"),
+            "{err}"
+        );
+
+        let config = Config::from_toml(
+            "[broker]\nurl = \"amqps://h/%2f\"\n[broker.tls]\ncert_file = \"c.pem\"\n",
+        )
+        .expect("parses");
+        let err = config.validate().expect_err("no key").to_string();
+        assert!(err.contains("broker.tls.key_file"), "{err}");
+
+        let config = Config::from_toml(
+            "[broker]\nurl = \"amqps://h/%2f\"\n[broker.tls]\nca_file = \"ca.pem\"\nserver_name = \"rabbit.internal\"\n",
+        )
+        .expect("parses");
+        config.validate().expect("amqps with tls");
     }
 
     #[test]

@@ -8,6 +8,11 @@
 //! `broker.connect_timeout`, then reported as [`ConnectError::Unreachable`]; refused
 //! credentials are reported at once. With several addresses (`broker.failover_urls`, a
 //! cluster) each attempt tries the next one, so a lost node is failed over.
+//!
+//! `amqps://` addresses connect over TLS with the certificates of `[broker.tls]`
+//! ([`crate::tls`]); a failed handshake (untrusted CA, expired certificate, wrong host name, a
+//! plain listener) is reported at once as [`ConnectError::Tls`], never retried in plaintext.
+//! URLs in messages and logs never show the password ([`crate::secret`]).
 
 use std::time::Duration;
 
@@ -17,17 +22,32 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use backon::{ExponentialBuilder, Retryable};
 use futures::StreamExt;
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-use lapin::uri::AMQPUri;
+use lapin::tcp::AsyncTcpStream;
+use lapin::uri::{AMQPScheme, AMQPUri, SASLMechanism};
 use lapin::{Connection, ConnectionProperties, Event};
 use tokio::sync::watch;
 
 use crate::config::BrokerConfig;
+use crate::secret::{mask_in, mask_url};
+use crate::tls::{TlsClient, TlsFailure, TlsSetupError};
 
 /// Why a connection could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("invalid broker URL: {0}")]
+    /// The URL (password masked) and why it does not parse.
+    #[error("invalid broker URL {0}")]
     InvalidUrl(String),
+    /// `[broker.tls]` names files that cannot be used.
+    #[error(transparent)]
+    TlsSetup(#[from] TlsSetupError),
+    /// The TLS handshake failed: not retried, a certificate does not change by trying again.
+    #[error("TLS to RabbitMQ at {url} failed: {}: {detail}", failure.explain())]
+    Tls {
+        url: String,
+        failure: TlsFailure,
+        /// rustls's own words.
+        detail: String,
+    },
     #[error(
         "cannot reach RabbitMQ at {url} (gave up after {attempts} attempts in {waited}): {source}. \
          Is the broker running? Start a local one with `scripts/broker start`, or set \
@@ -64,6 +84,8 @@ pub struct Connector {
     broker: BrokerConfig,
     /// Every configured address, heartbeat applied.
     uris: Vec<AMQPUri>,
+    /// For `amqps://` addresses: the TLS client of `[broker.tls]`.
+    tls: Option<TlsClient>,
     /// Index of the address to try first next time.
     next: AtomicUsize,
 }
@@ -74,15 +96,53 @@ impl Connector {
         let uris = broker
             .addresses()
             .map(|url| {
-                let mut uri: AMQPUri = url.parse().map_err(ConnectError::InvalidUrl)?;
+                if url
+                    .split_once("://")
+                    .is_some_and(|(_, rest)| rest.contains("://"))
+                {
+                    return Err(ConnectError::InvalidUrl(format!(
+                        "{}: holds more than one URL",
+                        mask_url(url)
+                    )));
+                }
+                let mut uri: AMQPUri = url.parse().map_err(|err: String| {
+                    ConnectError::InvalidUrl(format!("{}: {}", mask_url(url), mask_in(&err, url)))
+                })?;
                 uri.query.heartbeat = Some(heartbeat);
                 uri.query.frame_max.get_or_insert(DEFAULT_FRAME_MAX);
                 Ok(uri)
             })
             .collect::<Result<Vec<_>, ConnectError>>()?;
+        let any_tls = uris.iter().any(|uri| uri.scheme == AMQPScheme::AMQPS);
+        let tls = match any_tls {
+            true => Some(TlsClient::new(&broker.tls)?),
+            // Config::validate refuses this; a BrokerConfig built in code is checked here too.
+            false if broker.tls.is_set() => {
+                return Err(ConnectError::InvalidUrl(format!(
+                    "{}: [broker.tls] is set but the URL is amqp:// (plaintext); use amqps://",
+                    mask_url(&broker.url)
+                )));
+            }
+            false => None,
+        };
+        let uris = uris
+            .into_iter()
+            .map(|mut uri| {
+                // A client certificate logs in as the user it names, unless the URL says.
+                if uri.scheme == AMQPScheme::AMQPS
+                    && tls.as_ref().is_some_and(|tls| tls.client_certificate)
+                {
+                    uri.query
+                        .auth_mechanism
+                        .get_or_insert(SASLMechanism::External);
+                }
+                uri
+            })
+            .collect();
         Ok(Connector {
             broker: broker.clone(),
             uris,
+            tls,
             next: AtomicUsize::new(0),
         })
     }
@@ -109,9 +169,24 @@ impl Connector {
             last_url = redacted(&uri);
             let url = last_url.clone();
             let properties = ConnectionProperties::default().with_connection_name(name.into());
+            let tls = self.tls.clone();
             async move {
-                let attempt =
-                    Connection::connect_uri_with_runtime(uri, properties, Runtime::tokio_current());
+                let attempt = async move {
+                    match (uri.scheme.clone(), tls) {
+                        (AMQPScheme::AMQPS, Some(tls)) => connect_tls(uri, properties, tls).await,
+                        (AMQPScheme::AMQPS, None) => Err(io_error(std::io::Error::other(
+                            "amqps:// without a TLS client (a bug: Connector::new makes one)",
+                        ))),
+                        (AMQPScheme::AMQP, _) => {
+                            Connection::connect_uri_with_runtime(
+                                uri,
+                                properties,
+                                Runtime::tokio_current(),
+                            )
+                            .await
+                        }
+                    }
+                };
                 match tokio::time::timeout(per_attempt, attempt).await {
                     Ok(Ok(connection)) => {
                         // Next time (after a loss) start with this same address again only
@@ -128,18 +203,24 @@ impl Connector {
                 }
             }
         };
-        // Refused credentials will not change by trying again.
+        // Refused credentials and certificates will not change by trying again.
         let result = attempt
             .retry(policy)
             .sleep(tokio::time::sleep)
-            .when(|err| !is_access_refused(err))
+            .when(|err| !is_access_refused(err) && TlsFailure::of(err).is_none())
             .await;
         result.map_err(|source| {
             let url = match self.uris.len() {
                 1 => last_url.clone(),
                 n => format!("{last_url} (and {} other address(es))", n - 1),
             };
-            if is_access_refused(&source) {
+            if let Some((failure, detail)) = TlsFailure::of(&source) {
+                ConnectError::Tls {
+                    url: last_url.clone(),
+                    failure,
+                    detail,
+                }
+            } else if is_access_refused(&source) {
                 ConnectError::AccessRefused {
                     url,
                     source: Box::new(source),
@@ -158,6 +239,38 @@ impl Connector {
             }
         })
     }
+}
+
+/// One TLS connection: TCP to the URL's host, then the handshake with `tls` (checking the
+/// certificate against `server_name` or the host), then AMQP. lapin calls the closure for each
+/// connection it opens.
+async fn connect_tls(
+    uri: AMQPUri,
+    properties: ConnectionProperties,
+    tls: TlsClient,
+) -> lapin::Result<Connection> {
+    let runtime = Runtime::tokio_current();
+    Connection::connector(
+        uri,
+        runtime,
+        async move |uri: AMQPUri, runtime| {
+            let host = uri.authority.host.clone();
+            let addresses = runtime.to_socket_addrs((host.clone(), uri.authority.port));
+            let stream = AsyncTcpStream::connect(&runtime, addresses)
+                .await
+                .map_err(io_error)?;
+            stream
+                .into_rustls(&tls.connector, tls.server_name(&host))
+                .await
+                .map_err(io_error)
+        },
+        properties,
+    )
+    .await
+}
+
+fn io_error(error: std::io::Error) -> lapin::Error {
+    lapin::ErrorKind::IOError(std::sync::Arc::new(error)).into()
 }
 
 /// Whether RabbitMQ currently blocks publishing on `connection` (a memory or disk alarm:
@@ -207,8 +320,8 @@ fn timed_out() -> lapin::Error {
 fn redacted(uri: &AMQPUri) -> String {
     let vhost = uri.vhost.replace('/', "%2f");
     format!(
-        "amqp://{}@{}:{}/{}",
-        uri.authority.userinfo.username, uri.authority.host, uri.authority.port, vhost
+        "{}://{}@{}:{}/{}",
+        uri.scheme, uri.authority.userinfo.username, uri.authority.host, uri.authority.port, vhost
     )
 }
 

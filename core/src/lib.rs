@@ -29,6 +29,8 @@ pub mod connection;
 pub mod delay;
 pub mod envelope;
 pub mod publish;
+pub mod secret;
+pub mod tls;
 pub mod topology;
 
 pub use config::{Config, ConfigError, QueueConfig};
