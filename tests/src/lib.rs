@@ -464,6 +464,7 @@ pub mod fault;
 pub mod procs;
 pub mod raw_amqp;
 pub mod sink;
+pub mod tls;
 
 /// One test's stage: a unique queue, a dispatcher that declared it, an in-process worker
 /// running `registry` on it, and a channel for looking into the broker.
