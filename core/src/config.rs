@@ -399,9 +399,10 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
+        // A TOML error quotes the offending line, which may hold a broker URL and its password.
         let mut config = Config::from_toml(&text).map_err(|message| ConfigError::Parse {
             path: path.to_path_buf(),
-            message,
+            message: crate::secret::mask_urls_in(&message),
         })?;
         config.source = ConfigSource::File(path.to_path_buf());
         Ok(config)

@@ -316,12 +316,17 @@ fn timed_out() -> lapin::Error {
     .into()
 }
 
-/// The URL without its password, for messages.
+/// The URL with its password masked (`user:***@`), for messages.
 fn redacted(uri: &AMQPUri) -> String {
     let vhost = uri.vhost.replace('/', "%2f");
     format!(
-        "{}://{}@{}:{}/{}",
-        uri.scheme, uri.authority.userinfo.username, uri.authority.host, uri.authority.port, vhost
+        "{}://{}:{}@{}:{}/{}",
+        uri.scheme,
+        uri.authority.userinfo.username,
+        crate::secret::MASK,
+        uri.authority.host,
+        uri.authority.port,
+        vhost
     )
 }
 
@@ -336,6 +341,6 @@ mod tests {
             .expect("valid");
         let shown = redacted(&uri);
         assert!(!shown.contains("secret"));
-        assert_eq!(shown, "amqp://user@example.com:5673/%2f");
+        assert_eq!(shown, "amqp://user:***@example.com:5673/%2f");
     }
 }

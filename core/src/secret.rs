@@ -51,6 +51,34 @@ pub fn mask_in(text: &str, url: &str) -> String {
     out
 }
 
+/// `text` with every URL in it (a run of characters around `://`, up to whitespace or a quote)
+/// masked by [`mask_url`]: for messages that may quote a config file's lines, such as TOML
+/// parse errors.
+pub fn mask_urls_in(text: &str) -> String {
+    let boundary = |c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`' | '[' | ']' | '=');
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let start = rest[..i].rfind(boundary).map_or(0, |b| b + 1);
+        // A quoted URL runs to its closing quote (a password may hold a space); else to the
+        // next boundary.
+        let quote = rest[..start]
+            .chars()
+            .next_back()
+            .filter(|c| matches!(c, '"' | '\'' | '`'));
+        let end = match quote {
+            Some(q) => rest[i..].find([q, '\n']),
+            None => rest[i..].find(boundary),
+        }
+        .map_or(rest.len(), |e| i + e);
+        out.push_str(&rest[..start]);
+        out.push_str(&mask_url(&rest[start..end]));
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// The raw password part of `url` (between the first `:` after the scheme and the last `@`).
 fn password_of(url: &str) -> Option<&str> {
     let rest = url.find("://").map_or(url, |i| &url[i + 3..]);
@@ -99,6 +127,19 @@ mod tests {
         assert_eq!(mask_url("guest:hunter2@host"), "guest:***@host");
         // A password with no username.
         assert_eq!(mask_url("amqp://:hunter2@host"), "amqp://:***@host");
+    }
+
+    #[test]
+    fn every_url_in_a_text_is_masked() {
+        let text = "TOML parse error at line 2\n  |\n2 | url = \"amqp://u:pa ss@h/\" x\n\
+                    failover_urls = ['amqps://v:w0rd@h2/%2f']";
+        let shown = mask_urls_in(text);
+        assert!(!shown.contains("w0rd"), "{shown}");
+        assert!(shown.contains("'amqps://v:***@h2/%2f'"), "{shown}");
+        assert!(shown.contains("TOML parse error at line 2"), "{shown}");
+        // A quoted URL runs to its quote, so a password with a space is masked whole.
+        assert!(shown.contains("\"amqp://u:***@h/\" x"), "{shown}");
+        assert_eq!(mask_urls_in("no url here"), "no url here");
     }
 
     #[test]
