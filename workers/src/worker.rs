@@ -441,10 +441,11 @@ impl Process {
         Ok(Some(self.resubscribe(connection, of.queue, consumers)))
     }
 
-    /// Subscribes to `queue` again after the broker ended its consumer: at once, then with
-    /// exponential backoff (200 ms up to 10 s) while it fails (the queue is gone). The returned
-    /// stream yields the new consumer's deliveries once it is subscribed; if the connection is
-    /// lost meanwhile it yields [`Event::Lost`], which ends the session.
+    /// Subscribes to `queue` again after the broker ended its consumer: after
+    /// [`RESUBSCRIBE_PAUSE`], then with exponential backoff (200 ms up to 10 s) while it fails
+    /// (the queue is gone). The returned stream yields the new consumer's deliveries once it is
+    /// subscribed; if the connection is lost meanwhile it yields [`Event::Lost`], which ends the
+    /// session.
     fn resubscribe<'a>(
         &'a self,
         connection: &'a Connection,
@@ -453,6 +454,7 @@ impl Process {
     ) -> Deliveries<'a> {
         let subscribed = async move {
             let mut backoff = reconnect_backoff();
+            tokio::time::sleep(RESUBSCRIBE_PAUSE).await;
             loop {
                 match self.consume(connection, &queue, consumers).await {
                     Ok(stream) => {
@@ -639,6 +641,14 @@ struct ConsumerOf {
     /// An overflow consumer (see [`Consumers`]): never subscribed again when it ends.
     overflow: bool,
 }
+
+/// The pause before subscribing again to a queue whose consumer the broker cancelled. A queue
+/// being deleted cancels its consumers first; RabbitMQ 4.3 answers a `basic.consume` that
+/// arrives while the deleted quorum queue is still shutting down with a *connection* error
+/// (`541 INTERNAL_ERROR ... {shutdown, delete}`, fault scenario 9), which would cost the
+/// worker its session and every in-flight ack. After the pause the queue is gone (a `404` that
+/// closes only the new channel, retried with backoff) or declared anew.
+const RESUBSCRIBE_PAUSE: Duration = Duration::from_secs(1);
 
 /// The longest wait between two attempts to reach the broker or a queue.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(10);
