@@ -11,7 +11,10 @@
 //!          broker: delivery limit reached ────────────┴──► warren.dead (direct) ──► <queue>.dead
 //! ```
 //!
-//! Everything is declared idempotently by [`declare`]; a second run changes nothing. A queue
+//! Everything is declared idempotently by [`declare`] (`warren topology apply`, as the admin
+//! user); a worker starts with [`ensure`], which checks passively and declares only what is
+//! missing, so that a worker user without configure rights runs once the admin applied the
+//! topology. A second run of [`declare`] changes nothing. A queue
 //! that already exists with other arguments (say `classic` where Warren wants `quorum`) makes
 //! RabbitMQ close the channel with `PRECONDITION_FAILED`; [`declare`] turns that into
 //! [`TopologyError::Mismatch`] naming the queue and the argument.
@@ -49,7 +52,7 @@ use lapin::options::{
 };
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 use crate::config::{QueueConfig, QueueType};
 use crate::delay;
@@ -264,6 +267,12 @@ pub enum TopologyError {
     },
     #[error("declaring {what}: {source}")]
     Broker { what: String, source: lapin::Error },
+    #[error(
+        "Warren's topology is incomplete ({missing} does not exist) and this user may not \
+         declare it ({detail}): run `warren topology apply` as the admin user (with this \
+         worker's queues, `--queue NAME`), then start again"
+    )]
+    NotPermitted { missing: String, detail: String },
 }
 
 /// What the operator can do about a [`TopologyError::Mismatch`].
@@ -376,6 +385,233 @@ pub async fn declare(
             .await?;
     }
     Ok(d.done)
+}
+
+/// What [`ensure`] found, or did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ensured {
+    /// Everything this user may see was there already, and nothing was declared: a runtime
+    /// user without configure rights (the arguments are the admin's to keep, with
+    /// `warren topology apply`).
+    Present,
+    /// Everything was there, and declaring it again (which changes nothing, and fails on a
+    /// queue with other arguments) checked the arguments: a user with configure rights.
+    Verified,
+    /// `missing` was not there, so everything was declared.
+    Declared {
+        missing: String,
+        declared: Vec<Declared>,
+    },
+}
+
+/// Makes sure Warren's topology for `queues` exists, declaring only when something is missing:
+/// how a worker starts, whether its user may configure or not.
+///
+/// First Warren's exchanges and queues are checked with *passive* declares, which need no
+/// configure right ([`first_missing`] says which checks a runtime user can make); a passive
+/// check sees neither bindings nor arguments.
+/// - Something missing: everything is declared as by [`declare`]; a user without configure
+///   rights gets [`TopologyError::NotPermitted`], which names what is missing and tells to run
+///   `warren topology apply` as the admin user.
+/// - All there, but the user may not see everything (a runtime user on RabbitMQ 4.x):
+///   [`Ensured::Present`], nothing declared.
+/// - All there and all seen: declaring again checks the arguments ([`Ensured::Verified`],
+///   or [`TopologyError::Mismatch`]); a user who may not declare (a runtime user on 3.10,
+///   where passive declares are answered to anyone) gets `ACCESS_REFUSED`, which is fine:
+///   [`Ensured::Present`].
+///
+/// A runtime user so costs the broker one refused operation per start (logged as a channel
+/// error). Opens its own channels on `connection` (a missing item or a refusal closes one).
+pub async fn ensure(
+    connection: &Connection,
+    queues: &[(&str, &QueueConfig)],
+) -> Result<Ensured, TopologyError> {
+    for (name, _) in queues {
+        validate_queue_name(name).map_err(|reason| TopologyError::InvalidName {
+            name: (*name).to_owned(),
+            reason,
+        })?;
+    }
+    let missing = match first_missing(connection, queues).await? {
+        Seen::Missing(missing) => Some(missing),
+        Seen::Partly => return Ok(Ensured::Present),
+        Seen::All => None,
+    };
+    let channel = open_channel(connection).await?;
+    let declared = match declare(&channel, queues).await {
+        Ok(declared) => declared,
+        Err(TopologyError::Broker { source, .. }) if is_access_refused(&source) => {
+            return match missing {
+                Some(missing) => Err(TopologyError::NotPermitted {
+                    missing,
+                    detail: source.to_string(),
+                }),
+                None => Ok(Ensured::Present),
+            };
+        }
+        Err(err) => return Err(err),
+    };
+    let _ = channel.close(200, "declared".into()).await;
+    Ok(match missing {
+        Some(missing) => Ensured::Declared { missing, declared },
+        None => Ensured::Verified,
+    })
+}
+
+/// What [`first_missing`] saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seen {
+    /// The first exchange or queue that does not exist (`exchange warren.jobs`, `queue emails`).
+    Missing(String),
+    /// Everything exists.
+    All,
+    /// What the user may see exists; the rest it may not check (refused).
+    Partly,
+}
+
+/// Warren's topology for `queues`, checked by passive declares: what is missing, or how much
+/// of it this user could see.
+///
+/// A passive declare needs no configure right, but RabbitMQ answers it only for a name the user
+/// has *some* permission on (configure, write or read), and `ACCESS_REFUSED` otherwise, whether
+/// the exchange or queue exists or not (measured on 4.3 and 3.10 by
+/// `tests/tests/permissions.rs`). So the checks go from what a worker needs to what only the
+/// admin sees:
+/// 1. the exchanges a worker publishes to ([`JOBS_EXCHANGE`], [`DEAD_EXCHANGE`], the top delay
+///    level) and the work queues it consumes: a refusal here is an error
+///    ([`TopologyError::Broker`], `ACCESS_REFUSED`), the worker could not work without them;
+/// 2. the rest (`<queue>.dead`, [`UNROUTABLE`], [`DELAY_DELIVER_EXCHANGE`], the other delay
+///    levels): a runtime user has no right on them, and the first refusal ends the checks
+///    (the broker logs it as a channel error). Those are the admin's to keep, with
+///    `warren topology apply`.
+pub async fn first_missing(
+    connection: &Connection,
+    queues: &[(&str, &QueueConfig)],
+) -> Result<Seen, TopologyError> {
+    let channel = open_channel(connection).await?;
+    let top_level = delay_level(delay::LEVELS - 1);
+    let mut needed = vec![
+        Item::Exchange(JOBS_EXCHANGE.to_owned()),
+        Item::Exchange(DEAD_EXCHANGE.to_owned()),
+        Item::Exchange(top_level.clone()),
+    ];
+    needed.extend(
+        queues
+            .iter()
+            .map(|(name, _)| Item::Queue((*name).to_owned())),
+    );
+    for item in needed {
+        match item.exists(&channel).await {
+            Ok(true) => {}
+            Ok(false) => return Ok(Seen::Missing(item.to_string())),
+            Err(err) => return Err(broker(format!("{item} (passive check)"), err)),
+        }
+    }
+    let mut internal: Vec<Item> = queues
+        .iter()
+        .map(|(name, _)| Item::Queue(dead_queue(name)))
+        .collect();
+    internal.push(Item::Exchange(UNROUTABLE.to_owned()));
+    internal.push(Item::Queue(UNROUTABLE.to_owned()));
+    internal.push(Item::Exchange(DELAY_DELIVER_EXCHANGE.to_owned()));
+    for level in (0..delay::LEVELS).rev() {
+        if level != delay::LEVELS - 1 {
+            internal.push(Item::Exchange(delay_level(level)));
+        }
+        internal.push(Item::Queue(delay_level(level)));
+    }
+    for item in internal {
+        match item.exists(&channel).await {
+            Ok(true) => {}
+            Ok(false) => return Ok(Seen::Missing(item.to_string())),
+            Err(err) if is_access_refused(&err) => return Ok(Seen::Partly),
+            Err(err) => return Err(broker(format!("{item} (passive check)"), err)),
+        }
+    }
+    let _ = channel.close(200, "checked".into()).await;
+    Ok(Seen::All)
+}
+
+/// An exchange or a queue, for [`first_missing`].
+enum Item {
+    Exchange(String),
+    Queue(String),
+}
+
+impl std::fmt::Display for Item {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Item::Exchange(name) => write!(f, "exchange {name}"),
+            Item::Queue(name) => write!(f, "queue {name}"),
+        }
+    }
+}
+
+impl Item {
+    /// A passive declare: `Ok(false)` when it does not exist (the broker has then closed
+    /// `channel`).
+    async fn exists(&self, channel: &Channel) -> Result<bool, lapin::Error> {
+        let checked = match self {
+            Item::Exchange(name) => {
+                let passive = ExchangeDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                channel
+                    .exchange_declare(
+                        name.as_str().into(),
+                        ExchangeKind::Direct,
+                        passive,
+                        FieldTable::default(),
+                    )
+                    .await
+            }
+            Item::Queue(name) => {
+                let passive = QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                channel
+                    .queue_declare(name.as_str().into(), passive, FieldTable::default())
+                    .await
+                    .map(|_| ())
+            }
+        };
+        match checked {
+            Ok(()) => Ok(true),
+            Err(err) if is_not_found(&err) => Ok(false),
+            Err(err) => Err(err),
+        }
+    }
+}
+
+async fn open_channel(connection: &Connection) -> Result<Channel, TopologyError> {
+    connection
+        .create_channel()
+        .await
+        .map_err(|err| broker("opening a channel".to_owned(), err))
+}
+
+/// True for the channel error RabbitMQ raises when the user lacks a permission
+/// (`ACCESS_REFUSED`, 403): configure to declare or delete, write to publish or bind, read to
+/// consume or get.
+pub fn is_access_refused(error: &lapin::Error) -> bool {
+    soft_error(error) == Some(AMQPSoftError::ACCESSREFUSED)
+}
+
+/// True for `NOT_FOUND` (404): a passive declare of something that does not exist.
+fn is_not_found(error: &lapin::Error) -> bool {
+    soft_error(error) == Some(AMQPSoftError::NOTFOUND)
+}
+
+fn soft_error(error: &lapin::Error) -> Option<AMQPSoftError> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Soft(soft) => Some(soft.clone()),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 /// Runs the declarations one by one and records them.

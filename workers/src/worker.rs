@@ -1,11 +1,14 @@
-//! The worker process's life: connect, declare, consume, run jobs concurrently, recover from
-//! a lost broker, shut down.
+//! The worker process's life: connect, check the topology, consume, run jobs concurrently,
+//! recover from a lost broker, shut down.
 //!
 //! [`Worker::run`] is a loop of *sessions*. A session:
 //! 1. opens two connections: one consumes, one publishes retries and dead letters with
 //!    confirms. They are separate because RabbitMQ blocks publishing connections under a
 //!    memory or disk alarm, and consuming must go on then;
-//! 2. declares the topology of every consumed queue (idempotently);
+//! 2. checks that Warren's exchanges and its queues exist (passive declares, which need no
+//!    configure right) and declares the topology only when something is missing
+//!    ([`topology::ensure`]): a worker user without configure rights runs once the admin
+//!    applied the topology, and stops with a clear error otherwise;
 //! 3. opens one channel and consumer per queue, with a per-consumer prefetch (quorum queues
 //!    refuse global QoS) of `worker.prefetch`, twice `concurrency` by default, and a unique
 //!    consumer tag;
@@ -93,7 +96,8 @@ pub enum WorkerError {
 
 impl WorkerError {
     /// Errors that a new session would only repeat: bad names, refused credentials, a queue
-    /// declared with other arguments.
+    /// declared with other arguments, a missing topology this user may not declare, a
+    /// permission the user lacks (`ACCESS_REFUSED`, e.g. no read right on a queue to consume).
     pub fn is_fatal(&self) -> bool {
         matches!(
             self,
@@ -103,8 +107,15 @@ impl WorkerError {
                     ConnectError::AccessRefused { .. } | ConnectError::InvalidUrl(_)
                 )
                 | WorkerError::Topology(
-                    TopologyError::Mismatch { .. } | TopologyError::InvalidName { .. }
+                    TopologyError::Mismatch { .. }
+                        | TopologyError::InvalidName { .. }
+                        | TopologyError::NotPermitted { .. }
                 )
+        ) || matches!(
+            self,
+            WorkerError::Broker { source, .. }
+                | WorkerError::Topology(TopologyError::Broker { source, .. })
+                if topology::is_access_refused(source)
         )
     }
 }
@@ -234,15 +245,20 @@ impl Process {
             .connect(&format!("warren-worker {} publish", self.worker_id))
             .await?;
 
-        let setup = deadline(timeout, "opening a channel", consuming.create_channel()).await?;
-        let declare: Vec<_> = self.queues.iter().map(|q| (&*q.name, &q.config)).collect();
-        within(
+        let queues: Vec<_> = self.queues.iter().map(|q| (&*q.name, &q.config)).collect();
+        let ensured = within(
             timeout * 4,
-            "declaring the topology",
-            topology::declare(&setup, &declare),
+            "checking the topology",
+            topology::ensure(&consuming, &queues),
         )
         .await??;
-        let _ = setup.close(200, "declared".into()).await;
+        if let topology::Ensured::Declared { missing, declared } = ensured {
+            tracing::info!(
+                %missing,
+                declared = declared.len(),
+                "the topology was incomplete: declared it"
+            );
+        }
 
         let publisher = deadline(timeout, "opening a channel", publishing.create_channel()).await?;
         deadline(
