@@ -5,7 +5,8 @@
 //! `tests/schemas/compose-spec.json`, see `tests/schemas/README.md`, so a clone alone runs this
 //! test), and the properties that matter to Warren are asserted: workers scale
 //! (`docker compose up --scale worker=4`), wait for a healthy broker, the broker has a health
-//! check, and its image is the RabbitMQ version the local node runs by default. A missing
+//! check, and its image is the RabbitMQ version the local node runs by default; ports are bound
+//! to 127.0.0.1, credentials come from the environment and guest is never used. A missing
 //! schema fails the test; it is never skipped. No broker is needed.
 
 use std::path::{Path, PathBuf};
@@ -131,6 +132,125 @@ fn broker_config_files_it_mounts_exist() {
         assert!(
             path.is_file(),
             "the rabbitmq service mounts {source}, which does not exist"
+        );
+    }
+}
+
+/// Given the compose file, then every published port is bound to 127.0.0.1 (AMQP, management
+/// and Prometheus are reachable from this machine only; the services talk over the compose
+/// network).
+#[test]
+fn published_ports_are_bound_to_the_loopback_interface() {
+    let compose = compose_file();
+    let services = compose["services"].as_object().cloned().unwrap_or_default();
+    let mut published = 0;
+    for (name, service) in &services {
+        for port in service["ports"].as_array().cloned().unwrap_or_default() {
+            let text = match &port {
+                Value::String(text) => text.clone(),
+                Value::Object(long) => format!(
+                    "{}:{}",
+                    long.get("host_ip").and_then(Value::as_str).unwrap_or(""),
+                    long.get("published")
+                        .map(Value::to_string)
+                        .unwrap_or_default()
+                ),
+                other => other.to_string(),
+            };
+            assert!(
+                text.starts_with("127.0.0.1:"),
+                "service `{name}` publishes {text:?}: bind it to 127.0.0.1 (\"127.0.0.1:HOST:CONTAINER\")"
+            );
+            published += 1;
+        }
+    }
+    assert_eq!(
+        published, 3,
+        "expected the broker's AMQP, management and Prometheus ports"
+    );
+}
+
+/// Given the compose file, then no service uses guest: the broker's default user is the admin
+/// from `WARREN_ADMIN_USER`/`WARREN_ADMIN_PASSWORD`, each Warren service logs in as its own
+/// user with a password from the environment (never written in the file), and the topology is
+/// applied by the admin, the jobs consumed by the worker user, the demo job submitted by the
+/// dispatcher user.
+#[test]
+fn credentials_come_from_the_environment_and_guest_is_never_used() {
+    let text = std::fs::read_to_string(repo_root().join("docker-compose.yml")).expect("read");
+    let compose = compose_file();
+    let services = &compose["services"];
+    let env = |service: &str, key: &str| {
+        services[service]["environment"][key]
+            .as_str()
+            .unwrap_or_else(|| panic!("service `{service}` sets no {key}"))
+            .to_owned()
+    };
+    for line in text.lines().filter(|l| !l.trim_start().starts_with('#')) {
+        assert!(
+            !line.to_ascii_lowercase().contains("guest"),
+            "docker-compose.yml mentions guest: {line}"
+        );
+    }
+    assert!(env("rabbitmq", "RABBITMQ_DEFAULT_USER").starts_with("${WARREN_ADMIN_USER"));
+    assert!(env("rabbitmq", "RABBITMQ_DEFAULT_PASS").starts_with("${WARREN_ADMIN_PASSWORD:?"));
+    for (service, user) in [
+        ("topology", "WARREN_ADMIN"),
+        ("worker", "WARREN_WORKER"),
+        ("dispatcher-demo", "WARREN_DISPATCHER"),
+    ] {
+        let url = env(service, "WARREN_AMQP_URL");
+        let expected = format!("amqp://${{{user}_USER:-");
+        assert!(url.starts_with(&expected), "{service}: {url}");
+        assert!(
+            url.contains(&format!(":${{{user}_PASSWORD:?")),
+            "{service}: the password must come from {user}_PASSWORD (required): {url}"
+        );
+    }
+    for key in ["WARREN_DISPATCHER_PASSWORD", "WARREN_WORKER_PASSWORD"] {
+        assert!(
+            env("rabbitmq", key).starts_with(&format!("${{{key}:?")),
+            "{key}"
+        );
+    }
+}
+
+/// Given `config/rabbitmq-users.sh`, which makes compose's runtime users, then it gives them
+/// exactly the permissions `config/definitions.json` gives warren-dispatcher and
+/// warren-worker (the ones tests/tests/permissions.rs proves).
+#[test]
+fn compose_users_get_the_permissions_of_the_definitions() {
+    let script = std::fs::read_to_string(repo_root().join("config/rabbitmq-users.sh"))
+        .expect("config/rabbitmq-users.sh");
+    let definitions: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("config/definitions.json"))
+            .expect("config/definitions.json"),
+    )
+    .expect("JSON");
+    for (user, var) in [
+        ("warren-dispatcher", "$dispatcher"),
+        ("warren-worker", "$worker"),
+    ] {
+        let permission = definitions["permissions"]
+            .as_array()
+            .and_then(|all| all.iter().find(|p| p["user"] == user))
+            .unwrap_or_else(|| panic!("no permissions for {user}"));
+        // As JSON strings, then as the script's unquoted heredoc spells them.
+        let field = |key: &str| {
+            serde_json::to_string(&permission[key])
+                .expect("string")
+                .replace('\\', "\\\\")
+                .replace('$', "\\$")
+        };
+        let expected = format!(
+            "{{ \"user\": \"{var}\", \"vhost\": \"/\", \"configure\": {}, \"write\": {}, \"read\": {} }}",
+            field("configure"),
+            field("write"),
+            field("read")
+        );
+        assert!(
+            script.contains(&expected),
+            "config/rabbitmq-users.sh should hold the permissions of {user}:\n  {expected}"
         );
     }
 }
