@@ -472,9 +472,9 @@ pub enum Seen {
 /// Warren's topology for `queues`, checked by passive declares: what is missing, or how much
 /// of it this user could see.
 ///
-/// A passive declare needs no configure right, but RabbitMQ answers it only for a name the user
-/// has *some* permission on (configure, write or read), and `ACCESS_REFUSED` otherwise, whether
-/// the exchange or queue exists or not (measured on 4.3 and 3.10 by
+/// A passive declare needs no configure right, but RabbitMQ 4.3 answers it only for a name the
+/// user has *some* permission on (configure, write or read), and `ACCESS_REFUSED` otherwise,
+/// whether the exchange or queue exists or not; 3.10 answers anyone (both measured by
 /// `tests/tests/permissions.rs`). So the checks go from what a worker needs to what only the
 /// admin sees:
 /// 1. the exchanges a worker publishes to ([`JOBS_EXCHANGE`], [`DEAD_EXCHANGE`], the top delay
