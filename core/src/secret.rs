@@ -9,6 +9,13 @@
 /// What a password is replaced with.
 pub const MASK: &str = "***";
 
+/// Whether a log event may be written: Warren's binaries drop the rest whatever `RUST_LOG`
+/// says. lapin's I/O loop logs every outgoing frame at trace level, the SASL
+/// `connection.start-ok` with user and password (as bytes) included.
+pub fn safe_to_log(target: &str, level: tracing::Level) -> bool {
+    !(level == tracing::Level::TRACE && target.starts_with("lapin::io_loop"))
+}
+
 /// `url` with its password replaced by `***`: `amqp://guest:***@host:5672/%2f`. Works on any
 /// text, including URLs that do not parse; text without a user part is returned unchanged.
 pub fn mask_url(url: &str) -> String {
@@ -127,6 +134,14 @@ mod tests {
         assert_eq!(mask_url("guest:hunter2@host"), "guest:***@host");
         // A password with no username.
         assert_eq!(mask_url("amqp://:hunter2@host"), "amqp://:***@host");
+    }
+
+    #[test]
+    fn lapin_frames_are_never_logged() {
+        assert!(!safe_to_log("lapin::io_loop", tracing::Level::TRACE));
+        assert!(safe_to_log("lapin::io_loop", tracing::Level::DEBUG));
+        assert!(safe_to_log("lapin::channel", tracing::Level::TRACE));
+        assert!(safe_to_log("warren_workers::worker", tracing::Level::TRACE));
     }
 
     #[test]

@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 use warren_core::Config;
 use warren_dispatcher::Dispatcher;
 use warren_dispatcher::cli::{self, PayloadSource};
@@ -88,6 +90,10 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .finish()
+        .with(tracing_subscriber::filter::filter_fn(|event| {
+            warren_core::secret::safe_to_log(event.target(), *event.level())
+        }))
         .init();
     match run(args).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,5 +1,5 @@
 //! No password in sight (issue 10): every output of `warren` and `warren-worker` — `--help`,
-//! successful runs, a worker's log at info and debug, and every error path (bad URLs that do
+//! successful runs, a worker's log at info, debug and trace, and every error path (bad URLs that do
 //! not parse, a `,` in a password, joined URLs, an unknown scheme, a refused login, an
 //! unreachable broker, a config file whose TOML or URL is broken, amqps:// to a plain
 //! listener) — is searched for the test passwords, which must never appear.
@@ -51,6 +51,13 @@ impl SecretUser {
         let (head, tail) = self.password.split_once(',').expect("a comma");
         let encoded = self.encoded();
         let (encoded_head, encoded_tail) = encoded.split_once("%2C").expect("a comma");
+        // As lapin's trace log would print the SASL response: its bytes in decimal.
+        let bytes = self
+            .password
+            .bytes()
+            .map(|b| b.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
         vec![
             self.password.clone(),
             encoded.clone(),
@@ -58,6 +65,7 @@ impl SecretUser {
             tail.to_owned(),
             encoded_head.to_owned(),
             encoded_tail.to_owned(),
+            bytes,
         ]
     }
 
@@ -180,7 +188,7 @@ fn run_worker(what: &str, url: &str, queue: &str, level: &str, until: &[&str]) -
 
 /// Given a broker user whose password holds `,` `@` `%` `:`, when `warren` and
 /// `warren-worker` run with it in good and bad URLs and configs — help, a submitted and
-/// processed job (worker at info and at debug), and each error path — then no output contains
+/// processed job (worker at info, debug and trace), and each error path — then no output contains
 /// the password, raw or percent-encoded, or either half of it; the URLs they show are masked
 /// (`NAME:***@`), and the env-supplied URL's errors name `$WARREN_AMQP_URL`.
 #[tokio::test(flavor = "multi_thread")]
@@ -336,6 +344,13 @@ async fn no_output_shows_a_password() {
                 &queue,
                 "debug",
                 &["job done"],
+            ));
+            runs.push(run_worker(
+                "worker at trace (good URL)",
+                &good,
+                &queue,
+                "trace",
+                &["worker started"],
             ));
             runs.push(run_worker(
                 "worker at info (good URL)",

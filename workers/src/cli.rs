@@ -21,6 +21,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 use warren_core::Config;
 
 use crate::{Registry, Worker};
@@ -92,6 +94,10 @@ pub fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
         )
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .with_writer(writer)
+        .finish()
+        .with(tracing_subscriber::filter::filter_fn(|event| {
+            warren_core::secret::safe_to_log(event.target(), *event.level())
+        }))
         .init();
     guard
 }
