@@ -233,6 +233,15 @@ async fn queues_of_an_older_warren_are_migrated_with_their_messages() {
         "{err}"
     );
     consumer.close(200, "stopped".into()).await.expect("close");
+    // The queue forgets a closed channel's consumer a moment later (under load, visibly).
+    let until = Instant::now() + Duration::from_secs(10);
+    while consumer_count(&connection, topology::UNROUTABLE).await > 0 {
+        assert!(
+            Instant::now() < until,
+            "the closed consumer is still counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     let mut told = Vec::new();
     let (_, migrated) = dispatcher
@@ -295,6 +304,21 @@ async fn queues_of_an_older_warren_are_migrated_with_their_messages() {
     dispatcher.close().await;
     let _ = connection.close(200, "done".into()).await;
     drop(vhost);
+}
+
+/// Consumers of `queue`, by a passive declare.
+async fn consumer_count(connection: &Connection, queue: &str) -> u32 {
+    let channel = connection.create_channel().await.expect("channel");
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let state = channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .expect("passive declare");
+    let _ = channel.close(200, "counted".into()).await;
+    state.consumer_count()
 }
 
 fn durable() -> QueueDeclareOptions {
