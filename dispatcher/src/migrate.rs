@@ -81,7 +81,8 @@ impl Dispatcher {
         mut progress: impl FnMut(&Migrated),
     ) -> Result<(Vec<Declared>, Vec<Migrated>), MigrateError> {
         let owned = warren_queues(queues);
-        let mut migrated: Vec<Migrated> = Vec::new();
+        // The queues emptied into their migration queue, with the broker's reason.
+        let mut replaced: Vec<(String, String)> = Vec::new();
         let declared = loop {
             match self.apply_topology(queues).await {
                 Ok(declared) => break declared,
@@ -90,52 +91,49 @@ impl Dispatcher {
                     name,
                     detail,
                 })) if owned.contains(&name) => {
-                    if migrated.iter().any(|m| m.queue == name) {
+                    if replaced.iter().any(|(queue, _)| *queue == name) {
                         return Err(MigrateError::Stuck(name));
                     }
-                    let messages = self.empty_into_migration_queue(&name).await?;
-                    migrated.push(Migrated {
-                        queue: name,
-                        messages,
-                        reason: detail,
-                    });
+                    self.empty_into_migration_queue(&name).await?;
+                    replaced.push((name, detail));
                 }
                 Err(err) => return Err(err.into()),
             }
         };
         // Back into the new queues; also what an interrupted run left behind.
         let channel = self.confirm_channel().await?;
+        let mut migrated = Vec::new();
         for queue in &owned {
             let parked = topology::migration_queue(queue);
             if !self.queue_exists(&parked).await? {
                 continue;
             }
-            let moved = move_all(self, &channel, &parked, queue).await?;
+            let messages = move_all(self, &channel, &parked, queue).await?;
             call(
                 "deleting the migration queue",
                 channel.queue_delete(parked.as_str().into(), QueueDeleteOptions::default()),
             )
             .await?;
-            let done = match migrated.iter_mut().find(|m| &m.queue == queue) {
-                Some(done) => done,
-                None => {
-                    migrated.push(Migrated {
-                        queue: queue.clone(),
-                        messages: moved,
-                        reason: "an interrupted migration was finished".to_owned(),
-                    });
-                    migrated.last_mut().expect("just pushed")
-                }
+            let reason = replaced
+                .iter()
+                .find(|(name, _)| name == queue)
+                .map_or("an interrupted migration was finished", |(_, detail)| {
+                    detail
+                });
+            let done = Migrated {
+                queue: queue.clone(),
+                messages,
+                reason: reason.to_owned(),
             };
-            done.messages = moved;
-            progress(done);
+            progress(&done);
+            migrated.push(done);
         }
         let _ = channel.close(200, "migrated".into()).await;
         Ok((declared, migrated))
     }
 
-    /// Steps 1 and 2 for `queue`: returns how many messages it held.
-    async fn empty_into_migration_queue(&self, queue: &str) -> Result<u64, MigrateError> {
+    /// Steps 1 and 2 for `queue`, and the deletion of the emptied queue.
+    async fn empty_into_migration_queue(&self, queue: &str) -> Result<(), MigrateError> {
         let channel = self.confirm_channel().await?;
         let state = call(
             &format!("reading queue `{queue}`"),
@@ -174,14 +172,14 @@ impl Dispatcher {
             )
             .await?;
         }
-        let moved = move_all(self, &channel, queue, &parked).await?;
+        move_all(self, &channel, queue, &parked).await?;
         call(
             &format!("deleting the old `{queue}`"),
             channel.queue_delete(queue.into(), QueueDeleteOptions::default()),
         )
         .await?;
         let _ = channel.close(200, "queue emptied".into()).await;
-        Ok(moved)
+        Ok(())
     }
 
     async fn confirm_channel(&self) -> Result<Channel, MigrateError> {

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use warren_core::NewJob;
 use warren_core::config::Config;
 use warren_core::envelope::{ERROR, ERROR_CLASS};
+use warren_core::topology::dead_queue;
 use warren_tests::*;
 use warren_workers::{JobContext, JobError, Registry};
 
@@ -140,10 +141,6 @@ async fn a_job_past_the_consumer_timeout_ends_in_the_dead_letters_while_other_qu
     );
     cleanup(&channel, &[&slow, &fast]).await;
     dispatcher.close().await;
-}
-
-fn dead_queue(queue: &str) -> String {
-    warren_core::topology::dead_queue(queue)
 }
 
 /// Given a handler that always overruns its 500 ms job_timeout (an `.await` that never ends),

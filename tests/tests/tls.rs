@@ -33,6 +33,18 @@ fn tls_broker(tls: &BrokerTls) -> BrokerConfig {
 }
 
 /// Connects and expects a TLS failure; returns it with the error's message.
+/// Settings for `server` at 127.0.0.1 that trust the CA of `certs` (and nothing else).
+fn trusting_ca(server: &TlsServer, certs: &CertDir) -> BrokerConfig {
+    BrokerConfig {
+        url: server.url("127.0.0.1"),
+        tls: TlsConfig {
+            ca_file: Some(certs.file("ca.pem")),
+            ..TlsConfig::default()
+        },
+        ..BrokerConfig::default()
+    }
+}
+
 async fn refused(broker: &BrokerConfig) -> (TlsFailure, String) {
     match connect(broker, "warren-tests tls refused").await {
         Ok(_) => panic!("connected to {} although it must be refused", broker.url),
@@ -180,14 +192,7 @@ async fn an_expired_certificate_is_refused() {
     let certs = CertDir::with_ca("expired");
     let (cert, key) = certs.server("server", true, &["localhost", "127.0.0.1"]);
     let server = TlsServer::start(&cert, &key);
-    let broker = BrokerConfig {
-        url: server.url("127.0.0.1"),
-        tls: TlsConfig {
-            ca_file: Some(certs.file("ca.pem")),
-            ..TlsConfig::default()
-        },
-        ..BrokerConfig::default()
-    };
+    let broker = trusting_ca(&server, &certs);
     let (failure, message) = refused(&broker).await;
     assert_eq!(failure, TlsFailure::Expired, "{message}");
     assert!(message.contains("certificate has expired"), "{message}");
@@ -202,14 +207,7 @@ async fn a_wrong_host_name_is_refused() {
     let certs = CertDir::with_ca("wrong-name");
     let (cert, key) = certs.server("server", false, &["elsewhere.example"]);
     let server = TlsServer::start(&cert, &key);
-    let broker = BrokerConfig {
-        url: server.url("127.0.0.1"),
-        tls: TlsConfig {
-            ca_file: Some(certs.file("ca.pem")),
-            ..TlsConfig::default()
-        },
-        ..BrokerConfig::default()
-    };
+    let broker = trusting_ca(&server, &certs);
     let (failure, message) = refused(&broker).await;
     assert_eq!(failure, TlsFailure::WrongHostName, "{message}");
     assert!(
