@@ -9,9 +9,12 @@ FROM rust:1-bookworm AS builder
 WORKDIR /src
 # Only what the build needs (never target/ or .warren/). Cargo.lock pins every dependency.
 COPY Cargo.toml Cargo.lock ./
+COPY patches ./patches
 COPY core ./core
 COPY dispatcher ./dispatcher
 COPY workers ./workers
+COPY cli ./cli
+COPY bench ./bench
 COPY tests ./tests
 # The cache mounts keep downloaded crates and compiled dependencies between builds; the binaries
 # are copied out of the cached target/ because a cache mount is not part of the image.

@@ -9,9 +9,11 @@
 //! is an error ([`SubmitError::UnknownQueue`]), not a queue created by a typo. Queues are
 //! declared by workers when they start, or by `warren topology apply`.
 //!
-//! The [`cli`] module holds the `warren` command's subcommands.
+//! The operations behind the `warren` command (crate `warren-cli`) are library calls here, so
+//! that any program (and the HTTP service) can run them: [`dlq`] reads dead letters,
+//! [`migrate`] replaces queues declared with other arguments.
 
-pub mod cli;
+pub mod dlq;
 mod link;
 pub mod migrate;
 

@@ -270,15 +270,7 @@ pub fn binary(name: &str) -> PathBuf {
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
         let status = Command::new(cargo)
-            .args([
-                "build",
-                "--quiet",
-                "--bins",
-                "-p",
-                "warren-dispatcher",
-                "-p",
-                "warren-workers",
-            ])
+            .args(["build", "--quiet", "--bins", "-p", "warren-cli"])
             .current_dir(&root)
             .status()
             .expect("running cargo build for the binaries");

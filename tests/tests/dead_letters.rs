@@ -22,7 +22,7 @@ use lapin::{BasicProperties, Connection};
 use serde_json::json;
 use warren_core::config::BrokerConfig;
 use warren_core::topology::{self, TopologyError};
-use warren_dispatcher::cli::peek;
+use warren_dispatcher::dlq::peek;
 use warren_tests::*;
 use warren_workers::{JobError, Registry};
 

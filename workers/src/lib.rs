@@ -12,8 +12,9 @@
 //!   finished deliveries into one `multiple` ack;
 //! - [`retry`]: the backoff schedule;
 //! - [`builtin`]: the `echo`, `sleep` and `fail` kinds used by the demo and the tests;
-//! - [`cli`]: the `warren-worker` command line, reusable by worker binaries with their own
-//!   handlers.
+//! - `cli` (cargo feature `cli`): the `warren-worker` command line, reusable by worker
+//!   binaries with their own handlers; without the feature the crate pulls in no command-line
+//!   dependencies.
 //!
 //! ```no_run
 //! use warren_workers::{Registry, Worker};
@@ -29,6 +30,7 @@
 //! ```
 
 pub mod builtin;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod handler;
 mod job;
