@@ -9,10 +9,11 @@
 //!   `application/json`, `delivery_mode` = 2 (persistent), `timestamp` (when it was submitted),
 //!   `app_id`;
 //! - headers: none on a new job (no [`ATTEMPT`] header means attempt 1). A retry carries
-//!   [`ATTEMPT`]; a dead-lettered job also carries the [`DeadLetter`] headers; a job replayed from
-//!   its dead-letter queue carries [`REPLAYED`] and [`REPLAYED_AT`] ([`replay_properties`]). New jobs carry no
-//!   header table at all because RabbitMQ parses it on every publish: with the two headers
-//!   Warren used to write, a confirmed publish was 15–20% slower (bench/, 2026-11-24).
+//!   [`ATTEMPT`]; a dead-lettered job also carries the [`DeadLetter`] headers; a job replayed
+//!   from its dead-letter queue carries [`REPLAYED`] and [`REPLAYED_AT`]
+//!   ([`replay_properties`]). New jobs carry no header table at all because RabbitMQ parses it
+//!   on every publish: with the two headers Warren used to write, a confirmed publish was
+//!   15–20% slower (bench/, 2026-11-24).
 //!
 //! The copies a worker publishes (retries, dead letters) carry only what Warren chose: the
 //! [`CARRIED_HEADERS`] allow-list, each value a short scalar, plus the headers Warren writes
