@@ -254,6 +254,12 @@ pub struct QueueConfig {
     #[serde(with = "humane")]
     pub job_timeout: Duration,
     pub retry: RetryConfig,
+    /// The highest job priority the queue takes (`warren submit --priority N`, 0 to N); `None`
+    /// (the default): it takes none, and a job with a priority is refused before it is
+    /// published. A classic queue is declared with `x-max-priority = N` (RabbitMQ's priority
+    /// queue); a quorum queue needs no argument but RabbitMQ 4.0 or later, and has two levels
+    /// there: 0–4 normal, 5 and above high ([`topology::priority_support`]).
+    pub max_priority: Option<u8>,
 }
 
 impl Default for QueueConfig {
@@ -263,6 +269,7 @@ impl Default for QueueConfig {
             delivery_limit: 10,
             job_timeout: Duration::from_secs(5 * 60),
             retry: RetryConfig::default(),
+            max_priority: None,
         }
     }
 }
@@ -309,6 +316,18 @@ impl Default for RetryConfig {
             jitter: 0.2,
         }
     }
+}
+
+/// Why a job's priority does not fit its queue ([`QueueConfig::check_priority`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PriorityError {
+    #[error(
+        "the queue takes no priorities (set `max_priority` in its [queues.NAME] section of \
+         warren.toml, then `warren topology apply`)"
+    )]
+    NotTaken,
+    #[error("priority {priority} is above the queue's max_priority of {max}")]
+    AboveMax { priority: u8, max: u8 },
 }
 
 /// Everything that can be wrong with a configuration.
@@ -665,6 +684,16 @@ impl Config {
 
 impl QueueConfig {
     /// Checks one queue's settings; on error returns the key (relative to the queue) and why.
+    /// Whether a job with `priority` may go to this queue: a queue without `max_priority`
+    /// takes none, and a priority above it is refused (not silently capped).
+    pub fn check_priority(&self, priority: u8) -> Result<(), PriorityError> {
+        match self.max_priority {
+            None => Err(PriorityError::NotTaken),
+            Some(max) if priority > max => Err(PriorityError::AboveMax { priority, max }),
+            Some(_) => Ok(()),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         let retry = &self.retry;
         if self.delivery_limit == 0 {
@@ -695,6 +724,12 @@ impl QueueConfig {
                     "must not exceed {} (the longest delay the delay queues can hold)",
                     humantime::format_duration(delay::MAX_DELAY)
                 ),
+            ));
+        }
+        if self.max_priority == Some(0) {
+            return Err((
+                "max_priority",
+                "must be 1 to 255 (leave it out for a queue without priorities)".into(),
             ));
         }
         if retry.initial_delay > retry.max_delay {
@@ -1038,6 +1073,28 @@ mod tests {
         )
         .expect("parses");
         config.validate().expect("amqps with tls");
+    }
+
+    #[test]
+    fn priorities_are_taken_only_where_configured() {
+        let config = Config::from_toml(
+            "[queues.urgent]\nmax_priority = 9\n[queues.zero]\nmax_priority = 0\n",
+        )
+        .expect("parses");
+        assert_eq!(config.queue("urgent").check_priority(9), Ok(()));
+        assert_eq!(
+            config.queue("urgent").check_priority(10),
+            Err(PriorityError::AboveMax {
+                priority: 10,
+                max: 9
+            })
+        );
+        assert_eq!(
+            config.queue("plain").check_priority(1),
+            Err(PriorityError::NotTaken)
+        );
+        let err = config.validate().expect_err("0 is no maximum").to_string();
+        assert!(err.contains("queues.zero.max_priority"), "{err}");
     }
 
     #[test]

@@ -33,7 +33,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use serde::de::{DeserializeOwned, IgnoredAny};
 use serde_json::error::Category;
 
-use crate::topology;
+use crate::{delay, topology};
 
 /// Header: which attempt this delivery is, starting at 1.
 pub const ATTEMPT: &str = "x-warren-attempt";
@@ -105,6 +105,16 @@ pub struct NewJob {
     pub payload: Vec<u8>,
     /// The job id; generated when `None`.
     pub id: Option<String>,
+    /// Hold the job this long before its queue gets it (whole seconds, up to
+    /// [`delay::MAX_DELAY`]), in the delay levels that hold retries. `None` or zero: at once.
+    pub delay: Option<Duration>,
+    /// The AMQP `priority` property; the queue must take priorities (`max_priority`), which the
+    /// dispatcher checks before publishing.
+    pub priority: Option<u8>,
+    /// The AMQP `reply_to` property: where a worker sends the job's final outcome. Workers
+    /// answer only direct reply-to addresses ([`crate::reply`]); the dispatcher sets it for
+    /// `submit_and_wait`.
+    pub reply_to: Option<String>,
 }
 
 impl NewJob {
@@ -119,6 +129,9 @@ impl NewJob {
             kind: kind.into(),
             payload: payload.to_string().into_bytes(),
             id: None,
+            delay: None,
+            priority: None,
+            reply_to: None,
         }
     }
 
@@ -133,12 +146,27 @@ impl NewJob {
             kind: kind.into(),
             payload: payload.into(),
             id: None,
+            delay: None,
+            priority: None,
+            reply_to: None,
         }
     }
 
     /// Sets the job id.
     pub fn with_id(mut self, id: impl Into<String>) -> NewJob {
         self.id = Some(id.into());
+        self
+    }
+
+    /// Holds the job `delay` before its queue gets it.
+    pub fn with_delay(mut self, delay: Duration) -> NewJob {
+        self.delay = Some(delay);
+        self
+    }
+
+    /// Sets the job's priority.
+    pub fn with_priority(mut self, priority: u8) -> NewJob {
+        self.priority = Some(priority);
         self
     }
 
@@ -164,28 +192,65 @@ impl NewJob {
         };
         let message_id =
             ShortString::try_new(id.0.as_str()).map_err(|_| EncodeError::TooLong("job id"))?;
+        let delay_seconds = match self.delay {
+            Some(delay) if delay > delay::MAX_DELAY + Duration::from_millis(499) => {
+                return Err(EncodeError::DelayTooLong(delay));
+            }
+            Some(delay) => delay::whole_seconds(delay),
+            None => 0,
+        };
         let now = SystemTime::now();
-        let properties = BasicProperties::default()
+        let mut properties = BasicProperties::default()
             .with_message_id(message_id)
             .with_type(kind)
             .with_content_type(CONTENT_TYPE.into())
             .with_delivery_mode(PERSISTENT)
             .with_timestamp(unix_seconds(now))
             .with_app_id(APP_ID.into());
+        if let Some(priority) = self.priority {
+            properties = properties.with_priority(priority);
+        }
+        if let Some(reply_to) = &self.reply_to {
+            let reply_to = ShortString::try_new(reply_to.as_str())
+                .map_err(|_| EncodeError::TooLong("reply_to"))?;
+            properties = properties
+                .with_reply_to(reply_to)
+                .with_correlation_id(message_id_for_reply(&id)?);
+        }
+        let (exchange, routing_key) = match delay_seconds {
+            0 => (topology::JOBS_EXCHANGE.to_owned(), queue),
+            seconds => {
+                let (exchange, key) = topology::delay_route(seconds, &self.queue);
+                // Queue names leave room for the delay words (topology::MAX_QUEUE_NAME).
+                let key = ShortString::try_new(key).map_err(|_| EncodeError::TooLong("queue"))?;
+                (exchange, key)
+            }
+        };
         Ok(Message {
             id,
-            routing_key: queue,
+            exchange,
+            routing_key,
+            delay_seconds,
             body: self.payload.clone(),
             properties,
         })
     }
 }
 
-/// An encoded job, ready for `basic_publish` to [`topology::JOBS_EXCHANGE`].
+/// The correlation id of a job that asks for a reply: its id.
+fn message_id_for_reply(id: &JobId) -> Result<ShortString, EncodeError> {
+    ShortString::try_new(id.0.as_str()).map_err(|_| EncodeError::TooLong("job id"))
+}
+
+/// An encoded job, ready for `basic_publish` to `exchange`: [`topology::JOBS_EXCHANGE`], or
+/// for a delayed job the top delay level ([`topology::delay_route`]).
 #[derive(Debug, Clone)]
 pub struct Message {
     pub id: JobId,
+    pub exchange: String,
     pub routing_key: ShortString,
+    /// The delay the job is held, in whole seconds (0: none).
+    pub delay_seconds: u64,
     pub body: Vec<u8>,
     pub properties: BasicProperties,
 }
@@ -203,6 +268,12 @@ pub enum EncodeError {
     EmptyKind,
     #[error("job id is empty")]
     EmptyId,
+    #[error(
+        "a delay of {} is longer than the delay levels can hold ({} at most)",
+        humantime::format_duration(*.0),
+        humantime::format_duration(delay::MAX_DELAY)
+    )]
+    DelayTooLong(Duration),
 }
 
 /// A job as a worker sees it, before its payload is read ([`parse_payload`]): the payload
@@ -687,6 +758,53 @@ mod tests {
             long_kind.encode(1024),
             Err(EncodeError::TooLong("kind"))
         ));
+    }
+
+    #[test]
+    fn delayed_jobs_go_to_the_top_delay_level() {
+        let now = encode(&NewJob::new("q", "k", &serde_json::json!(1)));
+        assert_eq!(now.exchange, topology::JOBS_EXCHANGE);
+        assert_eq!(now.routing_key.as_str(), "q");
+        let later = encode(
+            &NewJob::new("q", "k", &serde_json::json!(1)).with_delay(Duration::from_secs(5)),
+        );
+        assert_eq!(later.exchange, topology::delay_level(delay::LEVELS - 1));
+        assert_eq!(later.routing_key.as_str(), delay::routing_key(5, "q"));
+        assert_eq!(later.delay_seconds, 5);
+        let zero = encode(&NewJob::new("q", "k", &serde_json::json!(1)).with_delay(Duration::ZERO));
+        assert_eq!(zero.exchange, topology::JOBS_EXCHANGE);
+        let too_long = NewJob::new("q", "k", &serde_json::json!(1))
+            .with_delay(delay::MAX_DELAY + Duration::from_secs(1));
+        let err = too_long.encode(1024).expect_err("beyond the levels");
+        assert!(matches!(err, EncodeError::DelayTooLong(_)));
+        assert!(
+            err.to_string().contains("longer than the delay levels"),
+            "{err}"
+        );
+        let edge = NewJob::new("q", "k", &serde_json::json!(1)).with_delay(delay::MAX_DELAY);
+        assert_eq!(encode(&edge).delay_seconds, delay::MAX_DELAY.as_secs());
+    }
+
+    #[test]
+    fn priority_and_reply_to_are_properties() {
+        let mut job = NewJob::new("q", "k", &serde_json::json!(1))
+            .with_id("j")
+            .with_priority(7);
+        job.reply_to = Some("amq.rabbitmq.reply-to".into());
+        let message = encode(&job);
+        assert_eq!(message.properties.priority(), &Some(7));
+        assert_eq!(
+            message.properties.reply_to().as_ref().map(|r| r.as_str()),
+            Some("amq.rabbitmq.reply-to")
+        );
+        assert_eq!(
+            message
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|c| c.as_str()),
+            Some("j")
+        );
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub mod connection;
 pub mod delay;
 pub mod envelope;
 pub mod publish;
+pub mod reply;
 pub mod secret;
 pub mod tls;
 pub mod topology;

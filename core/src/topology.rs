@@ -145,7 +145,57 @@ pub fn work_queue_arguments(name: &str, queue: &QueueConfig) -> FieldTable {
         args.long("x-delivery-limit", i64::from(queue.delivery_limit));
         args.at_least_once_dead_lettering();
     }
+    // Quorum queues take priorities without an argument (RabbitMQ 4.0+; see
+    // `priority_support`); a classic queue is a priority queue only with this one.
+    if let (QueueType::Classic, Some(max)) = (queue.queue_type, queue.max_priority) {
+        args.long("x-max-priority", i64::from(max));
+    }
     args.0
+}
+
+/// The RabbitMQ version a connection's broker announced in `connection.start` (its server
+/// property `version`, e.g. `4.3.6`), as (major, minor); `None` when it did not say.
+pub fn broker_version(connection: &Connection) -> Option<(u32, u32)> {
+    let properties = connection.configuration().server_properties();
+    let text = match properties.inner().get("version")? {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_owned(),
+        _ => return None,
+    };
+    let mut parts = text.split('.').map(|part| part.trim().parse::<u32>().ok());
+    Some((parts.next()??, parts.next().flatten().unwrap_or(0)))
+}
+
+/// Whether the broker (major version `major`, if known) can give queue `name` the priorities
+/// its config asks for (`max_priority`): a classic queue always can (`x-max-priority`); a
+/// quorum queue only on RabbitMQ 4.0 and later, where every quorum queue has two priority
+/// levels (0–4 normal, 5 and above high) and no argument is declared. RabbitMQ 3.x quorum
+/// queues ignore priorities, so there the config is refused rather than silently ignored.
+pub fn priority_support(
+    name: &str,
+    queue: &QueueConfig,
+    major: Option<u32>,
+) -> Result<(), TopologyError> {
+    match (queue.queue_type, queue.max_priority, major) {
+        (QueueType::Quorum, Some(_), Some(major)) if major < 4 => {
+            Err(TopologyError::NoPriorities {
+                queue: name.to_owned(),
+                major,
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// [`priority_support`] for every queue, on the broker of `connection`.
+pub fn check_priorities(
+    connection: &Connection,
+    queues: &[(&str, &QueueConfig)],
+) -> Result<(), TopologyError> {
+    let major = broker_version(connection).map(|(major, _)| major);
+    queues
+        .iter()
+        .try_for_each(|(name, queue)| priority_support(name, queue, major))
 }
 
 /// The arguments of [`DELAY_DELIVER_EXCHANGE`]: what matches no work queue goes to
@@ -267,6 +317,13 @@ pub enum TopologyError {
     },
     #[error("declaring {what}: {source}")]
     Broker { what: String, source: lapin::Error },
+    #[error(
+        "queue `{queue}` is configured with max_priority, but it is a quorum queue and \
+         RabbitMQ {major}.x quorum queues have no priorities (4.0 and later have): set \
+         type = \"classic\" for it (a durable classic queue with x-max-priority), or remove \
+         max_priority"
+    )]
+    NoPriorities { queue: String, major: u32 },
     #[error(
         "Warren's topology is incomplete ({missing} does not exist) and this user may not \
          declare it ({detail}): run `warren topology apply` as the admin user (with this \
@@ -432,6 +489,7 @@ pub async fn ensure(
             reason,
         })?;
     }
+    check_priorities(connection, queues)?;
     let missing = match first_missing(connection, queues).await? {
         Seen::Missing(missing) => Some(missing),
         Seen::Partly => return Ok(Ensured::Present),
@@ -890,6 +948,29 @@ mod tests {
             detail: "inequivalent arg 'x-message-ttl'".into(),
         };
         assert!(delay.to_string().ends_with("change the config to match"));
+    }
+
+    #[test]
+    fn priorities_per_queue_type_and_broker_version() {
+        let quorum = QueueConfig {
+            max_priority: Some(9),
+            ..QueueConfig::default()
+        };
+        let classic = QueueConfig {
+            queue_type: QueueType::Classic,
+            ..quorum.clone()
+        };
+        let max = |args: &FieldTable| args.inner().get("x-max-priority").cloned();
+        assert_eq!(max(&work_queue_arguments("q", &quorum)), None);
+        assert_eq!(
+            max(&work_queue_arguments("q", &classic)),
+            Some(AMQPValue::LongLongInt(9))
+        );
+        assert!(priority_support("q", &quorum, Some(4)).is_ok());
+        assert!(priority_support("q", &classic, Some(3)).is_ok());
+        let err = priority_support("q", &quorum, Some(3)).expect_err("3.x quorum");
+        assert!(err.to_string().contains("type = \"classic\""), "{err}");
+        assert!(priority_support("q", &QueueConfig::default(), Some(3)).is_ok());
     }
 
     #[test]

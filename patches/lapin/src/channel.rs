@@ -803,6 +803,8 @@ impl Channel {
         match step {
             ConnectionStep::ProtocolHeader(resolver, mut connection) => {
                 let configuration = connection.configuration_mut();
+                // WARREN PATCH (see patches/PATCHED.md in Warren): keep the server properties.
+                configuration.server_properties = method.server_properties.clone();
                 let auth_provider = configuration.auth_provider.clone();
                 let mechanism = auth_provider.mechanism();
                 let locale = configuration.amqp_locale.clone();

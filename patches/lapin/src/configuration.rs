@@ -23,6 +23,9 @@ pub struct Configuration {
     pub(crate) backoff: ExponentialBuilder,
     pub(crate) negotiated_config: NegotiatedConfig,
     pub(crate) auto_recover: bool,
+    /// WARREN PATCH (see patches/PATCHED.md in Warren): the server properties of
+    /// `connection.start` (product, version, capabilities), kept instead of dropped.
+    pub(crate) server_properties: FieldTable,
 }
 
 impl Configuration {
@@ -42,7 +45,15 @@ impl Configuration {
             backoff,
             negotiated_config: NegotiatedConfig::new(uri),
             auto_recover,
+            server_properties: FieldTable::default(),
         }
+    }
+
+    /// WARREN PATCH: the server properties the broker sent in `connection.start` (RabbitMQ:
+    /// `product`, `version`, `capabilities`, ...); empty before the handshake.
+    #[must_use]
+    pub fn server_properties(&self) -> &FieldTable {
+        &self.server_properties
     }
 
     /// Maximum number of channels allowed on this connection (negotiated with the server).
@@ -77,6 +88,7 @@ impl Clone for Configuration {
             backoff: self.backoff,
             negotiated_config: self.negotiated_config.clone(),
             auto_recover: self.auto_recover,
+            server_properties: self.server_properties.clone(),
         }
     }
 }
