@@ -28,15 +28,19 @@ pub const TLS_CA_FILE_ENV: &str = "WARREN_TLS_CA_FILE";
 pub const TLS_CERT_FILE_ENV: &str = "WARREN_TLS_CERT_FILE";
 pub const TLS_KEY_FILE_ENV: &str = "WARREN_TLS_KEY_FILE";
 pub const TLS_SERVER_NAME_ENV: &str = "WARREN_TLS_SERVER_NAME";
+/// Environment variable that overrides `management.url` (the management HTTP API, for
+/// `warren status` and `warren doctor`).
+pub const MANAGEMENT_URL_ENV: &str = "WARREN_MANAGEMENT_URL";
 /// Every environment override: (variable, the key it replaces). An empty variable counts as
 /// unset.
-pub const ENV_OVERRIDES: [(&str, &str); 6] = [
+pub const ENV_OVERRIDES: [(&str, &str); 7] = [
     (AMQP_URL_ENV, "broker.url"),
     (FAILOVER_URLS_ENV, "broker.failover_urls"),
     (TLS_CA_FILE_ENV, "broker.tls.ca_file"),
     (TLS_CERT_FILE_ENV, "broker.tls.cert_file"),
     (TLS_KEY_FILE_ENV, "broker.tls.key_file"),
     (TLS_SERVER_NAME_ENV, "broker.tls.server_name"),
+    (MANAGEMENT_URL_ENV, "management.url"),
 ];
 /// Environment variable naming the config file when no `--config` is given.
 pub const CONFIG_ENV: &str = "WARREN_CONFIG";
@@ -54,6 +58,8 @@ pub struct Config {
     pub jobs: JobsConfig,
     pub dispatcher: DispatcherConfig,
     pub worker: WorkerConfig,
+    /// `[management]`: the management HTTP API (`warren status`, `warren doctor`).
+    pub management: ManagementConfig,
     /// `[queue_defaults]`: the settings of every queue, unless its own section says otherwise.
     pub queue_defaults: QueueConfig,
     /// `[queues.NAME]`: per-queue settings, already merged over `queue_defaults`. A queue that
@@ -75,6 +81,7 @@ struct FileConfig {
     jobs: JobsConfig,
     dispatcher: DispatcherConfig,
     worker: WorkerConfig,
+    management: ManagementConfig,
     queue_defaults: toml::Table,
     queues: BTreeMap<String, toml::Table>,
 }
@@ -171,6 +178,61 @@ impl Default for BrokerConfig {
         }
     }
 }
+
+/// `[management]`: RabbitMQ's management HTTP API, which `warren status` and `warren doctor`
+/// read (queue statistics, the broker's version, feature flags, plugins, settings, users'
+/// permissions). Every key is optional: by default the API is at broker.url's host, port 15672,
+/// `http://`, with broker.url's user and password. The password is never shown.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ManagementConfig {
+    /// `http://` or `https://` address of the management API (the UI's address), which may
+    /// carry `user:password@`. `$WARREN_MANAGEMENT_URL` overrides it.
+    pub url: Option<String>,
+    /// The API's user, instead of the URL's (or broker.url's).
+    pub user: Option<String>,
+    /// The API's password, instead of the URL's (or broker.url's).
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for ManagementConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ManagementConfig")
+            .field("url", &self.url.as_deref().map(crate::secret::mask_url))
+            .field("user", &self.user)
+            .field(
+                "password",
+                &self.password.as_ref().map(|_| crate::secret::MASK),
+            )
+            .finish()
+    }
+}
+
+/// Where the management API is and how to log in: [`Config::management_endpoint`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct ManagementEndpoint {
+    /// The API's base address without credentials (`http://127.0.0.1:15672/`): safe to show.
+    pub url: String,
+    pub user: String,
+    /// Never shown: see the `Debug` implementation.
+    pub password: String,
+    /// True when the address was derived from broker.url (no `management.url` given).
+    pub derived: bool,
+}
+
+impl std::fmt::Debug for ManagementEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ManagementEndpoint")
+            .field("url", &self.url)
+            .field("user", &self.user)
+            .field("password", &crate::secret::MASK)
+            .field("derived", &self.derived)
+            .finish()
+    }
+}
+
+/// The management API's port when `management.url` is not given (RabbitMQ's default).
+pub const DEFAULT_MANAGEMENT_PORT: u16 = 15672;
 
 /// `[jobs]`: limits that apply to every job.
 #[derive(Debug, Clone, Deserialize)]
@@ -401,6 +463,10 @@ impl Config {
             tls.server_name = Some(name.trim().to_owned());
             set("broker.tls.server_name", TLS_SERVER_NAME_ENV);
         }
+        if let Some(url) = var(MANAGEMENT_URL_ENV) {
+            self.management.url = Some(url.trim().to_owned());
+            set("management.url", MANAGEMENT_URL_ENV);
+        }
     }
 
     /// Where the value of `key` came from: the environment variable that set it, or the
@@ -445,6 +511,7 @@ impl Config {
             jobs: file.jobs,
             dispatcher: file.dispatcher,
             worker: file.worker,
+            management: file.management,
             queue_defaults,
             queues,
             source: ConfigSource::Defaults,
@@ -456,6 +523,16 @@ impl Config {
     /// The binaries log them at start.
     pub fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
+        let tls = self.broker.url.starts_with("amqps://");
+        if tls && self.management.url.is_none() {
+            warnings.push(format!(
+                "{}: broker.url is amqps:// but no management.url is set: `warren status` and \
+                 `warren doctor` would send broker.url's password to http://<host>:15672 in \
+                 plaintext; set management.url (or ${MANAGEMENT_URL_ENV}) to the API's https:// \
+                 address",
+                self.source
+            ));
+        }
         for (name, queue) in &self.queues {
             let consumer_timeout = self.consumer_timeout(&[name.as_str()]);
             if consumer_timeout >= BROKER_CONSUMER_TIMEOUT {
@@ -525,6 +602,8 @@ impl Config {
         };
         self.validate_broker_addresses()
             .map_err(|(key, reason)| invalid(key, reason))?;
+        self.management_endpoint()
+            .map_err(|reason| invalid("management.url".into(), reason))?;
         if self.broker.heartbeat.as_secs() > u64::from(u16::MAX) {
             return Err(invalid(
                 "broker.heartbeat".into(),
@@ -680,6 +759,98 @@ impl Config {
         }
         Ok(())
     }
+}
+
+impl Config {
+    /// Where the management HTTP API is, and its credentials: `management.url` (its
+    /// `user:password@`, percent-decoded) with `management.user` / `management.password` over
+    /// them; without `management.url`, broker.url's host on port 15672 over `http://`, with
+    /// broker.url's credentials. On error, why (any URL quoted with its password masked).
+    pub fn management_endpoint(&self) -> Result<ManagementEndpoint, String> {
+        let (url, user, password, derived) = match &self.management.url {
+            Some(url) => {
+                let shown = crate::secret::mask_url(url);
+                let (scheme, rest) = match url.split_once("://") {
+                    Some((scheme @ ("http" | "https"), rest)) => (scheme, rest),
+                    _ => {
+                        return Err(format!(
+                            "is not an http:// or https:// URL ({shown}): the management API's \
+                             address, e.g. http://127.0.0.1:15672/"
+                        ));
+                    }
+                };
+                let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+                let (authority, path) = rest.split_at(end);
+                let (userinfo, host) = match authority.rfind('@') {
+                    Some(at) => (Some(&authority[..at]), &authority[at + 1..]),
+                    None => (None, authority),
+                };
+                if host.is_empty() || url.chars().any(char::is_whitespace) {
+                    return Err(format!("is not a valid URL ({shown}): it needs a host"));
+                }
+                let (user, password) = match userinfo {
+                    Some(info) => match info.split_once(':') {
+                        Some((user, password)) => (percent_decode(user), percent_decode(password)),
+                        None => (percent_decode(info), String::new()),
+                    },
+                    None => (String::new(), String::new()),
+                };
+                let path = if path.is_empty() { "/" } else { path };
+                (format!("{scheme}://{host}{path}"), user, password, false)
+            }
+            None => {
+                let uri: lapin::uri::AMQPUri = self
+                    .broker
+                    .url
+                    .parse()
+                    .map_err(|_| "cannot be derived: broker.url does not parse".to_owned())?;
+                let host = &uri.authority.host;
+                let host = match host.contains(':') {
+                    true => format!("[{host}]"),
+                    false => host.clone(),
+                };
+                let userinfo = uri.authority.userinfo;
+                (
+                    format!("http://{host}:{DEFAULT_MANAGEMENT_PORT}/"),
+                    userinfo.username,
+                    userinfo.password,
+                    true,
+                )
+            }
+        };
+        Ok(ManagementEndpoint {
+            url,
+            user: self.management.user.clone().unwrap_or(user),
+            password: self.management.password.clone().unwrap_or(password),
+            derived,
+        })
+    }
+}
+
+/// `%XX` escapes decoded (a user name or password in a URL); invalid escapes are kept as they
+/// are.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(high), Some(low)) => {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+            }
+            (byte, _, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 impl QueueConfig {
@@ -1095,6 +1266,56 @@ mod tests {
         );
         let err = config.validate().expect_err("0 is no maximum").to_string();
         assert!(err.contains("queues.zero.max_priority"), "{err}");
+    }
+
+    #[test]
+    fn the_management_api_defaults_to_the_brokers_host_and_credentials() {
+        let mut config = Config::default();
+        config.broker.url = "amqp://warren:p%40ss@rabbit.internal:5672/prod".into();
+        let endpoint = config.management_endpoint().expect("derived");
+        assert_eq!(endpoint.url, "http://rabbit.internal:15672/");
+        assert_eq!(
+            (endpoint.user.as_str(), endpoint.password.as_str()),
+            ("warren", "p@ss")
+        );
+        assert!(endpoint.derived);
+        assert!(!format!("{endpoint:?}").contains("p@ss"));
+
+        config.apply_env(env(&[(
+            MANAGEMENT_URL_ENV,
+            "https://ops:s3%2Fcr3t@mgmt.example.com:443/rabbit/",
+        )]));
+        let endpoint = config.management_endpoint().expect("from the environment");
+        assert_eq!(endpoint.url, "https://mgmt.example.com:443/rabbit/");
+        assert_eq!(
+            (endpoint.user.as_str(), endpoint.password.as_str()),
+            ("ops", "s3/cr3t")
+        );
+        assert_eq!(
+            config.origin_of("management.url"),
+            ConfigSource::Env(MANAGEMENT_URL_ENV)
+        );
+        assert!(!format!("{config:?}").contains("s3%2Fcr3t"));
+
+        let config = Config::from_toml(
+            "[management]\nurl = \"http://127.0.0.1:25672\"\nuser = \"admin\"\npassword = \"pw\"\n",
+        )
+        .expect("parses");
+        let endpoint = config.management_endpoint().expect("keys over the URL");
+        assert_eq!(endpoint.url, "http://127.0.0.1:25672/");
+        assert_eq!(
+            (endpoint.user.as_str(), endpoint.password.as_str()),
+            ("admin", "pw")
+        );
+
+        let mut config = Config::default();
+        config.apply_env(env(&[(MANAGEMENT_URL_ENV, "ftp://u:hunter2@h/")]));
+        let err = config.validate().expect_err("not http").to_string();
+        assert!(
+            err.contains("$WARREN_MANAGEMENT_URL") && err.contains("management.url"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
     }
 
     #[test]
