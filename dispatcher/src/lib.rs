@@ -16,6 +16,7 @@
 pub mod dlq;
 mod link;
 pub mod migrate;
+pub mod wait;
 
 use std::time::Duration;
 
@@ -30,11 +31,15 @@ use warren_core::topology::{self, Declared, TopologyError};
 pub use link::LinkError;
 use link::Links;
 pub use migrate::{MigrateError, Migrated};
+pub use wait::WaitError;
 
 /// Submits jobs over a connection that is reopened when lost.
 pub struct Dispatcher {
     links: Links,
     config: Config,
+    /// Work queues a passive declare found, so a delayed job for them is not checked again
+    /// (the delay levels accept any key: a missing queue would show only when the job is due).
+    known_queues: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Why a job was not submitted.
@@ -66,6 +71,14 @@ pub enum SubmitError {
     Connection(#[from] LinkError),
     #[error(transparent)]
     Publish(PublishError),
+    #[error("priority {priority} refused for queue `{queue}`: {source}")]
+    Priority {
+        queue: String,
+        priority: u8,
+        source: warren_core::config::PriorityError,
+    },
+    #[error(transparent)]
+    Unsupported(TopologyError),
 }
 
 impl SubmitError {
@@ -108,20 +121,52 @@ impl Dispatcher {
         Ok(Dispatcher {
             links,
             config: config.clone(),
+            known_queues: Default::default(),
         })
     }
 
     /// Submits one job and returns its id once the broker has confirmed it.
+    ///
+    /// A job with a delay goes to the delay levels ([`warren_core::delay`]) and reaches its
+    /// queue when its time is up; a job with a priority is refused before anything is
+    /// published unless its queue takes priorities (`max_priority`, and for a quorum queue
+    /// RabbitMQ 4.0 or later).
     pub async fn submit(&self, job: NewJob) -> Result<JobId, SubmitError> {
-        let message = job.encode(self.config.jobs.max_payload_bytes)?;
         let link = self.links.current().await?;
+        self.submit_on(&link, &link.channel, job).await
+    }
+
+    /// [`Dispatcher::submit`] on `channel` (a confirm channel of `link`'s connection).
+    pub(crate) async fn submit_on(
+        &self,
+        link: &link::Link,
+        channel: &Channel,
+        job: NewJob,
+    ) -> Result<JobId, SubmitError> {
+        let message = job.encode(self.config.jobs.max_payload_bytes)?;
+        if let Some(priority) = job.priority {
+            let queue = self.config.queue(&job.queue);
+            queue
+                .check_priority(priority)
+                .map_err(|source| SubmitError::Priority {
+                    queue: job.queue.clone(),
+                    priority,
+                    source,
+                })?;
+            let major = topology::broker_version(&link.connection).map(|(major, _)| major);
+            topology::priority_support(&job.queue, &queue, major)
+                .map_err(SubmitError::Unsupported)?;
+        }
+        if message.delay_seconds > 0 {
+            self.check_queue_exists(link, &job.queue).await?;
+        }
         let blocked_timeout = self.config.broker.blocked_timeout;
         if !link.wait_unblocked(blocked_timeout).await {
             return Err(SubmitError::Blocked(blocked_timeout));
         }
         let result = publish::publish(
-            &link.channel,
-            topology::JOBS_EXCHANGE,
+            channel,
+            &message.exchange,
             message.routing_key,
             &message.body,
             message.properties,
@@ -134,11 +179,52 @@ impl Dispatcher {
             Err(PublishError::Channel(err)) if is_not_found(&err) => Err(SubmitError::NoTopology),
             Err(err @ PublishError::Nacked { .. }) => {
                 // A channel can stay stuck nacking after a cluster node loss: use a new one.
-                self.links.discard(&link).await;
+                self.links.discard(link).await;
                 Err(SubmitError::Publish(err))
             }
             Err(err) => Err(SubmitError::Publish(err)),
         }
+    }
+
+    /// A delayed job is published to the delay levels, which accept any routing key: that its
+    /// queue exists is checked here, by a passive declare on a channel of its own (once per
+    /// queue). A user who may not check (RabbitMQ 4.x answers a passive declare only for names
+    /// the user has some permission on) submits unchecked: a job whose queue is missing when it
+    /// is due goes to `warren.unroutable`.
+    async fn check_queue_exists(&self, link: &link::Link, queue: &str) -> Result<(), SubmitError> {
+        let known = |queues: &std::collections::HashSet<String>| queues.contains(queue);
+        if self.known_queues.lock().map(|q| known(&q)).unwrap_or(false) {
+            return Ok(());
+        }
+        let check = async {
+            let channel = link.connection.create_channel().await?;
+            let passive = lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            let declared = channel
+                .queue_declare(queue.into(), passive, Default::default())
+                .await;
+            if declared.is_ok() {
+                let _ = channel.close(200, "checked".into()).await;
+            }
+            Ok::<_, lapin::Error>(declared.map(|_| ()))
+        };
+        let timeout = self.config.broker.operation_timeout;
+        let checked = tokio::time::timeout(timeout, check)
+            .await
+            .map_err(|_| SubmitError::Connection(LinkError::Timeout(timeout)))?
+            .map_err(|err| SubmitError::Connection(LinkError::Channel(err)))?;
+        match checked {
+            Ok(()) => {}
+            Err(err) if is_not_found(&err) => return Err(SubmitError::UnknownQueue(queue.into())),
+            Err(err) if topology::is_access_refused(&err) => return Ok(()),
+            Err(err) => return Err(SubmitError::Connection(LinkError::Channel(err))),
+        }
+        if let Ok(mut queues) = self.known_queues.lock() {
+            queues.insert(queue.to_owned());
+        }
+        Ok(())
     }
 
     /// Submits many jobs, pipelined: up to `dispatcher.max_in_flight` wait for their confirm at
@@ -159,7 +245,12 @@ impl Dispatcher {
     /// Declares the shared topology and the given queues (with their configured settings), on
     /// a channel of its own so that a mismatch cannot break the submit channel.
     pub async fn apply_topology(&self, queues: &[String]) -> Result<Vec<Declared>, ApplyError> {
-        let channel = self.open_channel().await?;
+        let link = self.links.current().await?;
+        let channel = link
+            .connection
+            .create_channel()
+            .await
+            .map_err(LinkError::Channel)?;
         let settings: Vec<_> = queues
             .iter()
             .map(|q| (q.as_str(), self.config.queue(q)))
@@ -168,6 +259,7 @@ impl Dispatcher {
             .iter()
             .map(|(name, queue)| (*name, queue))
             .collect();
+        topology::check_priorities(&link.connection, &refs)?;
         let timeout = self.config.broker.operation_timeout * 4;
         let declared = tokio::time::timeout(timeout, topology::declare(&channel, &refs))
             .await

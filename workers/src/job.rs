@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use warren_core::config::QueueConfig;
 use warren_core::envelope::{self, DeadLetter, DeadReason, Job, PayloadError};
 use warren_core::publish::{self, PublishError};
+use warren_core::reply::{self, Outcome as ReplyOutcome};
 use warren_core::{delay, topology};
 
 use crate::handler::{JobContext, JobError, Registry};
@@ -318,8 +319,16 @@ async fn settle(
     let job = text(delivery.properties.message_id());
     match result {
         Ok(result) => {
-            if let Some(value) = result {
+            if let Some(value) = &result {
                 tracing::debug!(%value, "job result");
+            }
+            if reply::reply_address(&delivery.properties).is_some() {
+                let result = result.unwrap_or_default();
+                let done = ReplyOutcome::Done {
+                    result,
+                    result_omitted: None,
+                };
+                send_reply(shared, delivery, attempt, done).await;
             }
             (Settle::Ack, Outcome::Done)
         }
@@ -398,6 +407,13 @@ fn dead_letter_and_ack<'a>(
         let key = topology::dead_queue(&queue.name);
         let published =
             publish_copy(shared, topology::DEAD_EXCHANGE, &key, delivery, properties).await;
+        if published.is_ok() && reply::reply_address(&delivery.properties).is_some() {
+            let failed = ReplyOutcome::Failed {
+                class: dead.reason.class().to_owned(),
+                reason: dead.error,
+            };
+            send_reply(shared, delivery, dead.attempts, failed).await;
+        }
         settle_after_publish(shared, published, Outcome::DeadLettered)
     })
 }
@@ -421,6 +437,46 @@ async fn publish_copy(
         &shared.blocked,
     )
     .await
+}
+
+/// Sends a job's final outcome (done, or dead-lettered) to the producer waiting for it
+/// ([`warren_core::reply`]), before the delivery is acked. Only to a direct reply-to address
+/// ([`reply::reply_address`]: a producer's `reply_to` naming a queue gets nothing), never
+/// `mandatory`, and best effort: a reply whose waiter is gone is dropped by the broker, and a
+/// reply that fails changes nothing about the job. No reply for an attempt to be retried.
+fn send_reply<'a>(
+    shared: &'a Shared,
+    delivery: &'a Delivery,
+    attempts: u32,
+    outcome: ReplyOutcome,
+) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        let Some(address) = reply::reply_address(&delivery.properties) else {
+            return;
+        };
+        let id = text(delivery.properties.message_id()).to_owned();
+        let (body, properties) = reply::Reply {
+            id,
+            attempts,
+            outcome,
+        }
+        .encode();
+        let send = async {
+            let options = lapin::options::BasicPublishOptions::default();
+            let confirm = shared
+                .publisher
+                .basic_publish("".into(), address, options, &body, properties)
+                .await?;
+            confirm.await
+        };
+        match tokio::time::timeout(shared.publish_timeout, send).await {
+            Ok(Ok(_)) => tracing::debug!("outcome sent to the waiting producer"),
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "could not send the outcome to the waiting producer")
+            }
+            Err(_) => tracing::warn!("sending the outcome to the waiting producer timed out"),
+        }
+    })
 }
 
 /// Ack once the replacement is queued; otherwise hand the delivery back to the broker.
