@@ -15,6 +15,7 @@
 
 pub mod dlq;
 mod link;
+pub mod management;
 pub mod migrate;
 pub mod wait;
 
