@@ -1,10 +1,51 @@
-//! The dead-letter workbench: reading a queue's dead letters (`<queue>.dead`) without losing
-//! them.
+//! The dead-letter workbench: seeing, replaying, purging and exporting the jobs in a work
+//! queue's dead-letter queue (`<queue>.dead`) without ever losing one by looking.
+//!
+//! Every operation is one *pass* over `<queue>.dead` on a channel of its own:
+//!
+//! 1. `basic.get` without auto-ack, one message at a time, at most as many messages as the
+//!    queue held when the pass began (the first `basic.get-ok` says how many): jobs that arrive
+//!    meanwhile (a worker still failing them) are left for the next pass, so no pass runs
+//!    forever. A message is looked at and dropped from memory at once: only its delivery tag
+//!    is kept, so a queue of any depth is read in constant memory.
+//! 2. A message the operation takes is settled on its own: `purge` acks it; `replay`
+//!    republishes a copy to the work queue through [`topology::JOBS_EXCHANGE`] (mandatory, with
+//!    a publisher confirm) and acks the dead letter only once the broker confirmed the copy.
+//! 3. Everything else stays unacknowledged until the end of the pass and is handed back with a
+//!    single `basic.nack` (`multiple`, `requeue`); the channel then closes.
+//!
+//! A nack, unlike a reject or a closed channel, does not count towards a quorum queue's
+//! delivery limit on RabbitMQ 4.x; on 3.10 every return counts, and `<queue>.dead` is declared
+//! with a limit that reading never reaches ([`topology::READ_SAFE_DELIVERY_LIMIT`]), so a
+//! pass that dies (killed process, lost connection: the broker hands back what it held) loses
+//! nothing either. An interrupted replay can leave a job both in the work queue (confirmed)
+//! and in `<queue>.dead` (not yet acked): it duplicates at worst, never loses.
+//!
+//! What a replayed copy carries is chosen by [`envelope::replay_properties`]: the job's id,
+//! kind, properties and allow-listed headers, a fresh attempt count and the replay marker
+//! ([`envelope::REPLAYED`], [`envelope::REPLAYED_AT`]); never the failure headers, `x-death`
+//! or the broker's delivery counts.
+//!
+//! Unacknowledged deliveries are subject to the broker's consumer timeout (30 min by
+//! default): a pass slower than that (`replay --rate` over a deep queue) is cut off by the
+//! broker, which hands its messages back.
 
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
 use lapin::message::Delivery;
-use lapin::options::{BasicGetOptions, BasicNackOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use warren_core::envelope::{self, Job};
+use warren_core::publish::{self, PublishError};
+use warren_core::topology;
 
-use crate::{Dispatcher, LinkError};
+use crate::{Dispatcher, LinkError, is_not_found};
 
 /// Why a dead-letter operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +60,499 @@ pub enum DlqError {
         #[source]
         source: lapin::Error,
     },
+    #[error(
+        "queue `{0}` does not exist on the broker (is its work queue declared? \
+         `warren topology apply --queue <work queue>`)"
+    )]
+    NoQueue(String),
+    #[error("reading queue `{queue}`: no answer within {timeout:?}")]
+    Timeout { queue: String, timeout: Duration },
+    #[error("settling a message of `{queue}`: {source}")]
+    Settle {
+        queue: String,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error(
+        "work queue `{0}` does not exist on the broker, so its dead letters cannot go back \
+         (run `warren topology apply --queue {0}`)"
+    )]
+    UnknownQueue(String),
+    #[error(
+        "exchange `{}` does not exist on the broker: Warren's topology was never declared here \
+         (run `warren topology apply`)",
+        topology::JOBS_EXCHANGE
+    )]
+    NoTopology,
+    #[error("replaying to `{queue}`: {source}")]
+    Publish {
+        queue: String,
+        #[source]
+        source: PublishError,
+    },
+    #[error("writing the export: {0}")]
+    Write(#[source] std::io::Error),
+    #[error("invalid option: {0}")]
+    Invalid(&'static str),
+    /// A replay stopped part-way: `summary` says what it did before; every job not moved is
+    /// still in the dead-letter queue (a job both moved and still there runs twice, at worst).
+    #[error(
+        "replay stopped after moving {} job(s); the others are still in the dead-letter queue: \
+         {source}",
+        summary.moved
+    )]
+    Interrupted {
+        summary: Box<ReplaySummary>,
+        #[source]
+        source: Box<DlqError>,
+    },
+}
+
+/// Which dead letters an operation takes. Every condition set must hold; an empty filter
+/// takes them all.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Only these job ids (`message_id`); empty: any.
+    pub ids: Vec<String>,
+    /// Only this kind (the `type` property).
+    pub kind: Option<String>,
+    /// Only this class ([`DeadRecord::class`]: `permanent`, `exhausted`, `malformed`,
+    /// `unknown-kind`, `delivery-limit`, ...).
+    pub class: Option<String>,
+    /// Only dead letters that failed before this time ([`DeadRecord::failed_at`]); one whose
+    /// failure time is unknown does not match.
+    pub failed_before: Option<SystemTime>,
+}
+
+impl Filter {
+    /// True when `record` is taken.
+    pub fn matches(&self, record: &DeadRecord) -> bool {
+        let id_ok = self.ids.is_empty()
+            || record
+                .id
+                .as_ref()
+                .is_some_and(|id| self.ids.iter().any(|want| want == id));
+        let kind_ok = self.kind.is_none() || record.kind == self.kind;
+        let class_ok = self.class.is_none() || record.class == self.class;
+        let age_ok = match self.failed_before {
+            None => true,
+            Some(before) => record.failed_at_time().is_some_and(|at| at < before),
+        };
+        id_ok && kind_ok && class_ok && age_ok
+    }
+}
+
+/// One dead letter, summed up: what `warren dlq list` shows. Every text comes from the
+/// message, which anyone could have published: print it escaped.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DeadRecord {
+    /// The job id (`message_id`).
+    pub id: Option<String>,
+    /// The job kind (`type`).
+    pub kind: Option<String>,
+    /// Attempts made ([`envelope::ATTEMPTS`]; for a job the broker dead-lettered, the
+    /// deliveries it counted).
+    pub attempts: Option<i64>,
+    /// Which kind of failure: [`envelope::ERROR_CLASS`] for a job a worker gave up on; for one
+    /// the broker dead-lettered (it carries `x-death`), its reason (`delivery-limit`,
+    /// `expired`, `rejected`, `maxlen`).
+    pub class: Option<String>,
+    /// Why, in words ([`envelope::ERROR`], or the broker's reason and queue).
+    pub reason: Option<String>,
+    /// When it failed for good (RFC 3339): [`envelope::FAILED_AT`], or the time in `x-death`.
+    pub failed_at: Option<String>,
+    /// The first [`PREVIEW_CHARS`] characters of the payload (lossy UTF-8).
+    pub payload_preview: String,
+    /// The payload's size in bytes.
+    pub payload_bytes: usize,
+    /// How many times it was replayed before ([`envelope::REPLAYED`]).
+    pub replayed: Option<i64>,
+}
+
+/// Characters of the payload a [`DeadRecord`] shows.
+pub const PREVIEW_CHARS: usize = 80;
+/// The longest class or time text a [`DeadRecord`] takes from a header.
+const MAX_SHORT_TEXT: usize = 64;
+/// At most this many examples of jobs not taken are kept in a summary.
+pub const MAX_EXAMPLES: usize = 100;
+
+impl DeadRecord {
+    /// Reads the summary of a delivered dead letter; never fails (missing or malformed parts
+    /// are `None`).
+    pub fn read(properties: &BasicProperties, body: &[u8]) -> DeadRecord {
+        let headers = properties.headers().as_ref();
+        let death = headers.and_then(latest_death);
+        let text = |v: &Option<ShortString>| v.as_ref().map(|s| s.as_str().to_owned());
+        let header_text = |key: &str, limit: usize| {
+            envelope::header_str(properties, key).map(|s| envelope::capped(&s, limit).into_owned())
+        };
+        let (class, reason, failed_at, attempts) = match death {
+            Some(death) => broker_death(headers, &death),
+            None => (
+                header_text(envelope::ERROR_CLASS, MAX_SHORT_TEXT),
+                header_text(envelope::ERROR, envelope::MAX_ERROR_BYTES),
+                header_text(envelope::FAILED_AT, MAX_SHORT_TEXT),
+                envelope::header_int(properties, envelope::ATTEMPTS)
+                    .or_else(|| envelope::header_int(properties, envelope::ATTEMPT)),
+            ),
+        };
+        DeadRecord {
+            id: text(properties.message_id()),
+            kind: text(properties.kind()),
+            attempts,
+            class,
+            reason,
+            failed_at,
+            payload_preview: preview(body),
+            payload_bytes: body.len(),
+            replayed: envelope::header_int(properties, envelope::REPLAYED),
+        }
+    }
+
+    /// [`DeadRecord::failed_at`] as a time, if it is RFC 3339.
+    pub fn failed_at_time(&self) -> Option<SystemTime> {
+        humantime::parse_rfc3339_weak(self.failed_at.as_deref()?).ok()
+    }
+}
+
+/// A whole dead letter: what `warren dlq show` prints. Header values become JSON: strings,
+/// numbers, booleans, arrays, objects; a timestamp as RFC 3339 text, a byte array as
+/// `{"bytes_hex": ...}`, a decimal as `{"decimal": ...}`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadJob {
+    #[serde(flatten)]
+    pub record: DeadRecord,
+    /// Every AMQP property the message has (`message_id`, `type`, `content_type`, ...).
+    pub properties: Map<String, Value>,
+    /// Every header, as the broker delivered it (`x-death` included).
+    pub headers: Map<String, Value>,
+    /// The payload, when it is JSON.
+    pub payload: Option<Value>,
+    /// The payload as (lossy UTF-8) text, when it is not JSON.
+    pub payload_text: Option<String>,
+    /// Whether the broker delivered it before (to an earlier reader).
+    pub redelivered: bool,
+}
+
+impl DeadJob {
+    fn read(delivery: &Delivery) -> DeadJob {
+        let props = &delivery.properties;
+        let (payload, payload_text) = match serde_json::from_slice::<Value>(&delivery.data) {
+            Ok(value) => (Some(value), None),
+            Err(_) => (
+                None,
+                Some(String::from_utf8_lossy(&delivery.data).into_owned()),
+            ),
+        };
+        let headers = props
+            .headers()
+            .as_ref()
+            .map(|table| table_json(table, 0))
+            .unwrap_or_default();
+        DeadJob {
+            record: DeadRecord::read(props, &delivery.data),
+            properties: properties_json(props),
+            headers,
+            payload,
+            payload_text,
+            redelivered: delivery.redelivered,
+        }
+    }
+}
+
+/// How far a pass got, for a progress bar.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Progress {
+    /// Dead letters read so far.
+    pub read: u64,
+    /// The most this pass reads: the queue's depth when it began (0 until known).
+    pub total: u64,
+    /// Dead letters taken so far (moved by a replay, deleted by a purge).
+    pub taken: u64,
+}
+
+/// Jobs an operation selected but did not take, with why: a count and the first
+/// [`MAX_EXAMPLES`].
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NotTaken {
+    pub count: u64,
+    pub examples: Vec<NotTakenJob>,
+}
+
+/// One job not taken.
+#[derive(Debug, Clone, Serialize)]
+pub struct NotTakenJob {
+    pub id: Option<String>,
+    pub reason: String,
+}
+
+impl NotTaken {
+    fn add(&mut self, id: Option<String>, reason: impl Into<String>) {
+        self.count += 1;
+        if self.examples.len() < MAX_EXAMPLES {
+            self.examples.push(NotTakenJob {
+                id,
+                reason: reason.into(),
+            });
+        }
+    }
+}
+
+/// What `list` saw.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ListSummary {
+    /// Records handed to the caller.
+    pub listed: u64,
+    /// Dead letters read.
+    pub read: u64,
+    /// The queue's depth when the pass began.
+    pub total: u64,
+}
+
+/// What a [`replay`] did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ReplaySummary {
+    /// Jobs republished to the work queue (confirmed) and removed from the dead-letter queue.
+    pub moved: u64,
+    /// Dead letters left in the dead-letter queue as this pass saw it: those it handed back
+    /// and those it did not read.
+    pub remaining: u64,
+    /// Selected but not replayable (not a job a worker can run: no id or kind, not JSON, ...);
+    /// left in the dead-letter queue.
+    pub skipped: NotTaken,
+    /// Selected, but the broker refused the copy; left in the dead-letter queue.
+    pub failed: NotTaken,
+}
+
+/// What a [`purge`] did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PurgeSummary {
+    /// Dead letters deleted.
+    pub deleted: u64,
+    /// Dead letters left, as this pass saw them.
+    pub remaining: u64,
+    /// Kept because the filter has an age and their failure time is unknown.
+    pub undated: u64,
+}
+
+/// What an [`export`] did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ExportSummary {
+    /// Lines written.
+    pub exported: u64,
+    /// Dead letters that cannot be a `warren submit --file` line (no kind, payload not JSON).
+    pub skipped: NotTaken,
+}
+
+/// Which dead letters [`replay`] moves, and how fast.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayOptions {
+    pub filter: Filter,
+    /// At most this many jobs; `None`: every one that matches.
+    pub limit: Option<u64>,
+    /// At most this many jobs per second; `None`: as fast as confirms come.
+    pub rate: Option<f64>,
+}
+
+/// Lists dead letters of work queue `queue` (read from `<queue>.dead`), calling `each` with
+/// every one that `filter` takes, up to `limit`; leaves the queue as it was.
+pub async fn list(
+    dispatcher: &Dispatcher,
+    queue: &str,
+    filter: &Filter,
+    limit: Option<u64>,
+    mut each: impl FnMut(DeadRecord),
+) -> Result<ListSummary, DlqError> {
+    let mut pass = Pass::open(dispatcher, queue, false).await?;
+    let mut listed = 0;
+    let result = async {
+        while limit.is_none_or(|limit| listed < limit) {
+            let Some(delivery) = pass.next().await? else {
+                break;
+            };
+            let record = DeadRecord::read(&delivery.properties, &delivery.data);
+            if filter.matches(&record) {
+                listed += 1;
+                each(record);
+            }
+        }
+        Ok(())
+    }
+    .await;
+    let summary = ListSummary {
+        listed,
+        read: pass.read,
+        total: pass.total(),
+    };
+    pass.finish().await;
+    result.map(|()| summary)
+}
+
+/// The whole dead letter of work queue `queue` whose job id is `id` (the first one, if the
+/// queue holds it twice); `None` when there is none. Leaves the queue as it was.
+pub async fn show(
+    dispatcher: &Dispatcher,
+    queue: &str,
+    id: &str,
+) -> Result<Option<DeadJob>, DlqError> {
+    let mut pass = Pass::open(dispatcher, queue, false).await?;
+    let result = async {
+        while let Some(delivery) = pass.next().await? {
+            if delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.as_str())
+                == Some(id)
+            {
+                return Ok(Some(DeadJob::read(&delivery)));
+            }
+        }
+        Ok(None)
+    }
+    .await;
+    pass.finish().await;
+    result
+}
+
+/// Sends the dead letters of work queue `queue` that `options` select back to `queue`, each
+/// through [`topology::JOBS_EXCHANGE`] (mandatory, confirmed) with a fresh attempt count and
+/// the replay marker ([`envelope::replay_properties`]); each dead letter is removed only once
+/// its copy is confirmed. Up to `dispatcher.max_in_flight` copies wait for their confirm at
+/// once. `progress` is called as the pass goes.
+///
+/// A message that no worker could run (no id or kind, a content type other than JSON, a
+/// payload that is not JSON or is over `jobs.max_payload_bytes`) is not sent: it stays, and
+/// is counted in [`ReplaySummary::skipped`]. A copy the broker refuses (nack) stays too
+/// ([`ReplaySummary::failed`]). A missing work queue or exchange, a lost connection or a
+/// confirm that never comes stops the replay: [`DlqError::Interrupted`] says how far it got.
+pub async fn replay(
+    dispatcher: &Dispatcher,
+    queue: &str,
+    options: &ReplayOptions,
+    mut progress: impl FnMut(&Progress),
+) -> Result<ReplaySummary, DlqError> {
+    if options
+        .rate
+        .is_some_and(|rate| !(rate.is_finite() && rate > 0.0))
+    {
+        return Err(DlqError::Invalid(
+            "the replay rate must be a positive number of jobs per second",
+        ));
+    }
+    let routing_key = topology::short(queue)?;
+    let mut pass = Pass::open(dispatcher, queue, true).await?;
+    let mut replay = Replay {
+        queue,
+        routing_key,
+        options,
+        max_payload: dispatcher.config().jobs.max_payload_bytes,
+        window: dispatcher.config().dispatcher.max_in_flight.max(1),
+        timeout: dispatcher.config().broker.operation_timeout,
+        summary: ReplaySummary::default(),
+        sent: 0,
+    };
+    let result = replay.run(&mut pass, &mut progress).await;
+    let mut summary = replay.summary;
+    summary.remaining = pass.remaining();
+    pass.finish().await;
+    match result {
+        Ok(()) => Ok(summary),
+        Err(source) => Err(DlqError::Interrupted {
+            summary: Box::new(summary),
+            source: Box::new(source),
+        }),
+    }
+}
+
+/// Deletes the dead letters of work queue `queue` that `filter` takes (acks them); hands the
+/// others back.
+pub async fn purge(
+    dispatcher: &Dispatcher,
+    queue: &str,
+    filter: &Filter,
+    mut progress: impl FnMut(&Progress),
+) -> Result<PurgeSummary, DlqError> {
+    let mut pass = Pass::open(dispatcher, queue, false).await?;
+    let mut summary = PurgeSummary::default();
+    let ageless = Filter {
+        failed_before: None,
+        ..filter.clone()
+    };
+    let result = async {
+        while let Some(delivery) = pass.next().await? {
+            let record = DeadRecord::read(&delivery.properties, &delivery.data);
+            if filter.matches(&record) {
+                pass.ack(delivery.delivery_tag).await?;
+                summary.deleted += 1;
+            } else if filter.failed_before.is_some()
+                && record.failed_at_time().is_none()
+                && ageless.matches(&record)
+            {
+                summary.undated += 1;
+            }
+            progress(&pass.progress(summary.deleted));
+        }
+        Ok(())
+    }
+    .await;
+    summary.remaining = pass.remaining();
+    pass.finish().await;
+    result.map(|()| summary)
+}
+
+/// One line of an export: what `warren submit --file` reads.
+#[derive(Debug, Serialize)]
+struct ExportLine<'a> {
+    kind: &'a str,
+    payload: Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+}
+
+/// Writes the dead letters of work queue `queue` that `filter` takes to `out`, one JSON line
+/// each, `{"kind": .., "payload": .., "id": ..}`: the format `warren submit --file` reads.
+/// A dead letter with no kind or a payload that is not JSON cannot be such a line: it is
+/// counted in [`ExportSummary::skipped`] with its id. Leaves the queue as it was.
+pub async fn export(
+    dispatcher: &Dispatcher,
+    queue: &str,
+    filter: &Filter,
+    out: &mut impl std::io::Write,
+) -> Result<ExportSummary, DlqError> {
+    let mut pass = Pass::open(dispatcher, queue, false).await?;
+    let mut summary = ExportSummary::default();
+    let result = async {
+        while let Some(delivery) = pass.next().await? {
+            let props = &delivery.properties;
+            let record = DeadRecord::read(props, &delivery.data);
+            if !filter.matches(&record) {
+                continue;
+            }
+            let Some(kind) = props.kind().as_ref().filter(|k| !k.as_str().is_empty()) else {
+                summary
+                    .skipped
+                    .add(record.id, "no type property (the job kind)");
+                continue;
+            };
+            let Ok(payload) = serde_json::from_slice::<Value>(&delivery.data) else {
+                summary.skipped.add(record.id, "payload is not valid JSON");
+                continue;
+            };
+            let line = ExportLine {
+                kind: kind.as_str(),
+                payload,
+                id: props.message_id().as_ref().map(|id| id.as_str()),
+            };
+            serde_json::to_writer(&mut *out, &line).map_err(|err| DlqError::Write(err.into()))?;
+            out.write_all(b"\n").map_err(DlqError::Write)?;
+            summary.exported += 1;
+        }
+        out.flush().map_err(DlqError::Write)
+    }
+    .await;
+    pass.finish().await;
+    result.map(|()| summary)
 }
 
 /// Up to `count` messages of `queue` (usually `<queue>.dead`), left in the queue: they are
@@ -59,4 +593,580 @@ pub async fn peek(
     }
     let _ = channel.close(200, "peek done".into()).await;
     Ok(messages)
+}
+
+/// One pass over a dead-letter queue, on a channel of its own (see the module docs).
+struct Pass {
+    channel: Channel,
+    /// `<queue>.dead`.
+    dead: ShortString,
+    timeout: Duration,
+    /// The most messages this pass reads: the depth when it began (from the first
+    /// `basic.get-ok`); `None` before the first read.
+    bound: Option<u64>,
+    /// Messages read so far.
+    read: u64,
+    /// Delivery tags read and not acked: handed back by [`Pass::finish`]. Tags only, never
+    /// the messages.
+    unsettled: BTreeSet<u64>,
+}
+
+impl Pass {
+    /// Opens a channel (in confirm mode if the pass publishes) for work queue `queue`'s
+    /// dead letters.
+    async fn open(dispatcher: &Dispatcher, queue: &str, confirms: bool) -> Result<Pass, DlqError> {
+        topology::validate_queue_name(queue)?;
+        let dead = topology::short(&topology::dead_queue(queue))?;
+        let timeout = dispatcher.config().broker.operation_timeout;
+        let channel = dispatcher.open_channel().await?;
+        if confirms {
+            tokio::time::timeout(
+                timeout,
+                channel.confirm_select(ConfirmSelectOptions::default()),
+            )
+            .await
+            .map_err(|_| DlqError::Timeout {
+                queue: dead.to_string(),
+                timeout,
+            })?
+            .map_err(|source| DlqError::Read {
+                queue: dead.to_string(),
+                source,
+            })?;
+        }
+        Ok(Pass {
+            channel,
+            dead,
+            timeout,
+            bound: None,
+            read: 0,
+            unsettled: BTreeSet::new(),
+        })
+    }
+
+    /// The next message, or `None` once the queue is empty or the pass has read as many
+    /// messages as the queue held when it began.
+    async fn next(&mut self) -> Result<Option<Delivery>, DlqError> {
+        if self.bound.is_some_and(|bound| self.read >= bound) {
+            return Ok(None);
+        }
+        let get = self
+            .channel
+            .basic_get(self.dead.clone(), BasicGetOptions { no_ack: false });
+        let got = tokio::time::timeout(self.timeout, get)
+            .await
+            .map_err(|_| DlqError::Timeout {
+                queue: self.dead.to_string(),
+                timeout: self.timeout,
+            })?
+            .map_err(|source| {
+                if is_not_found(&source) {
+                    DlqError::NoQueue(self.dead.to_string())
+                } else {
+                    DlqError::Read {
+                        queue: self.dead.to_string(),
+                        source,
+                    }
+                }
+            })?;
+        let Some(message) = got else {
+            self.bound = Some(self.read);
+            return Ok(None);
+        };
+        if self.bound.is_none() {
+            self.bound = Some(u64::from(message.message_count) + 1);
+        }
+        self.read += 1;
+        self.unsettled.insert(message.delivery.delivery_tag);
+        Ok(Some(message.delivery))
+    }
+
+    /// Removes a message read by this pass from the queue.
+    async fn ack(&mut self, tag: u64) -> Result<(), DlqError> {
+        self.channel
+            .basic_ack(tag, BasicAckOptions { multiple: false })
+            .await
+            .map_err(|source| DlqError::Settle {
+                queue: self.dead.to_string(),
+                source,
+            })?;
+        self.unsettled.remove(&tag);
+        Ok(())
+    }
+
+    /// The queue's depth when the pass began, as far as known.
+    fn total(&self) -> u64 {
+        self.bound.unwrap_or(self.read)
+    }
+
+    /// Messages left in the queue as this pass saw it: handed back, or never read.
+    fn remaining(&self) -> u64 {
+        self.unsettled.len() as u64 + self.total().saturating_sub(self.read)
+    }
+
+    fn progress(&self, taken: u64) -> Progress {
+        Progress {
+            read: self.read,
+            total: self.total(),
+            taken,
+        }
+    }
+
+    /// Hands back every message not acked (one `basic.nack`, multiple, requeue: not counted
+    /// as a delivery on 4.x) and closes the channel. If the nack cannot be sent, the closing
+    /// channel hands them back all the same.
+    async fn finish(self) {
+        if let Some(&last) = self.unsettled.last() {
+            let requeue_all = BasicNackOptions {
+                multiple: true,
+                requeue: true,
+            };
+            let _ = self.channel.basic_nack(last, requeue_all).await;
+        }
+        let _ = tokio::time::timeout(
+            self.timeout,
+            self.channel.close(200, "dead-letter pass done".into()),
+        )
+        .await;
+    }
+}
+
+/// A replay in progress.
+struct Replay<'a> {
+    queue: &'a str,
+    routing_key: ShortString,
+    options: &'a ReplayOptions,
+    max_payload: usize,
+    /// Copies waiting for their confirm at once, at most.
+    window: usize,
+    timeout: Duration,
+    summary: ReplaySummary,
+    /// Copies sent so far (confirmed or not).
+    sent: u64,
+}
+
+/// A copy sent and waiting for its confirm: the dead letter's delivery tag, its job id, and
+/// the broker's answer.
+type InFlight = (u64, Option<String>, Result<(), PublishError>);
+
+impl Replay<'_> {
+    async fn run(
+        &mut self,
+        pass: &mut Pass,
+        progress: &mut impl FnMut(&Progress),
+    ) -> Result<(), DlqError> {
+        let started = Instant::now();
+        let mut in_flight = FuturesOrdered::new();
+        let result = async {
+            while self.options.limit.is_none_or(|limit| self.sent < limit) {
+                let Some(delivery) = pass.next().await? else {
+                    break;
+                };
+                let record = DeadRecord::read(&delivery.properties, &delivery.data);
+                if !self.options.filter.matches(&record) {
+                    progress(&pass.progress(self.summary.moved));
+                    continue;
+                }
+                if let Err(reason) = runnable(&delivery, self.max_payload) {
+                    self.summary.skipped.add(record.id, reason);
+                    progress(&pass.progress(self.summary.moved));
+                    continue;
+                }
+                if let Some(rate) = self.options.rate {
+                    let due = started + Duration::from_secs_f64(self.sent as f64 / rate);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let properties =
+                    envelope::replay_properties(&delivery.properties, SystemTime::now());
+                let send = publish::send(
+                    &pass.channel,
+                    topology::JOBS_EXCHANGE,
+                    self.routing_key.clone(),
+                    &delivery.data,
+                    properties,
+                );
+                let pending = tokio::time::timeout(self.timeout, send)
+                    .await
+                    .map_err(|_| self.publish_error(PublishError::Timeout(self.timeout)))?
+                    .map_err(|err| self.publish_error(err))?;
+                self.sent += 1;
+                let (tag, timeout) = (delivery.delivery_tag, self.timeout);
+                in_flight
+                    .push_back(async move { (tag, record.id, pending.confirmed(timeout).await) });
+                while in_flight.len() >= self.window {
+                    if let Some(done) = in_flight.next().await {
+                        self.settle(pass, done).await?;
+                    }
+                    progress(&pass.progress(self.summary.moved));
+                }
+            }
+            Ok(())
+        }
+        .await;
+        // Confirms still due are awaited even after an error, so that every copy the broker
+        // took is acked (its dead letter removed) rather than left to run twice.
+        while let Some(done) = in_flight.next().await {
+            if let Err(err) = self.settle(pass, done).await
+                && result.is_ok()
+            {
+                return Err(err);
+            }
+            progress(&pass.progress(self.summary.moved));
+        }
+        result
+    }
+
+    /// Acks the dead letter whose copy the broker confirmed; keeps one it refused.
+    async fn settle(&mut self, pass: &mut Pass, done: InFlight) -> Result<(), DlqError> {
+        let (tag, id, answer) = done;
+        match answer {
+            Ok(()) => {
+                pass.ack(tag).await?;
+                self.summary.moved += 1;
+                Ok(())
+            }
+            Err(PublishError::Nacked { .. }) => {
+                self.summary
+                    .failed
+                    .add(id, "the broker refused the copy (nack)");
+                Ok(())
+            }
+            Err(err) => Err(self.publish_error(err)),
+        }
+    }
+
+    fn publish_error(&self, err: PublishError) -> DlqError {
+        match err {
+            PublishError::Unroutable { .. } => DlqError::UnknownQueue(self.queue.to_owned()),
+            PublishError::Channel(err) if is_not_found(&err) => DlqError::NoTopology,
+            source => DlqError::Publish {
+                queue: self.queue.to_owned(),
+                source,
+            },
+        }
+    }
+}
+
+/// Whether a worker could run this dead letter if it went back: `Err` says why not.
+fn runnable(delivery: &Delivery, max_payload: usize) -> Result<(), String> {
+    Job::decode(&delivery.properties, &[], max_payload)
+        .map_err(|err| format!("not a job a worker can run: {err}"))?;
+    if delivery.data.len() > max_payload {
+        return Err(format!(
+            "payload is {} bytes, over the limit of {max_payload} (jobs.max_payload_bytes)",
+            delivery.data.len()
+        ));
+    }
+    envelope::check_json(&delivery.data).map_err(|err| err.to_string())
+}
+
+/// The most recent entry of `x-death`, if the broker dead-lettered the message.
+fn latest_death(headers: &FieldTable) -> Option<FieldTable> {
+    match headers.inner().get("x-death")? {
+        AMQPValue::FieldArray(deaths) => match deaths.as_slice().first()? {
+            AMQPValue::FieldTable(death) => Some(death.clone()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// Class, reason, failure time and attempts of a message the broker dead-lettered (from its
+/// latest `x-death` entry). The `x-warren-*` headers of such a message are its producer's,
+/// not a worker's: they are not believed.
+fn broker_death(
+    headers: Option<&FieldTable>,
+    death: &FieldTable,
+) -> (Option<String>, Option<String>, Option<String>, Option<i64>) {
+    let field = |key: &str| match death.inner().get(key) {
+        Some(AMQPValue::LongString(s)) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        Some(AMQPValue::ShortString(s)) => Some(s.as_str().to_owned()),
+        _ => None,
+    };
+    let raw = field("reason").unwrap_or_else(|| "unknown".to_owned());
+    let reason_short = envelope::capped(&raw, MAX_SHORT_TEXT).into_owned();
+    let class = reason_short.replace('_', "-");
+    let from = field("queue").map_or_else(String::new, |q| {
+        format!(" in queue `{}`", envelope::capped(&q, 255))
+    });
+    let reason = match raw.as_str() {
+        "delivery_limit" => format!(
+            "dead-lettered by RabbitMQ{from}: delivered more than its delivery limit without \
+             being settled (its worker crashed, was killed or timed out each time)"
+        ),
+        "expired" => format!("dead-lettered by RabbitMQ{from}: its message TTL expired"),
+        "rejected" => {
+            format!("dead-lettered by RabbitMQ{from}: rejected or nacked without requeue")
+        }
+        "maxlen" => format!("dead-lettered by RabbitMQ{from}: the queue was full"),
+        _ => format!("dead-lettered by RabbitMQ{from}: {reason_short}"),
+    };
+    let failed_at = match death.inner().get("time") {
+        Some(AMQPValue::Timestamp(seconds)) => Some(
+            humantime::format_rfc3339_seconds(
+                SystemTime::UNIX_EPOCH + Duration::from_secs(*seconds),
+            )
+            .to_string(),
+        ),
+        _ => None,
+    };
+    let count = |key: &str| headers.and_then(|h| h.inner().get(key)).and_then(integer);
+    let attempts = [envelope::ACQUIRED_COUNT, envelope::DELIVERY_COUNT]
+        .iter()
+        .filter_map(|key| count(key))
+        .max();
+    (Some(class), Some(reason), failed_at, attempts)
+}
+
+/// The first [`PREVIEW_CHARS`] characters of `body`, lossy UTF-8, with `…` if cut.
+fn preview(body: &[u8]) -> String {
+    // Four bytes per character at most: no need to decode more.
+    let head = &body[..body.len().min(PREVIEW_CHARS * 4)];
+    let text = String::from_utf8_lossy(head);
+    let mut chars = text.chars();
+    let mut shown: String = chars.by_ref().take(PREVIEW_CHARS).collect();
+    if chars.next().is_some() || head.len() < body.len() {
+        shown.push('…');
+    }
+    shown
+}
+
+/// Every property a message has, as JSON.
+fn properties_json(props: &BasicProperties) -> Map<String, Value> {
+    let mut map = Map::new();
+    let mut text = |key: &str, value: &Option<ShortString>| {
+        if let Some(v) = value {
+            map.insert(key.to_owned(), Value::String(v.as_str().to_owned()));
+        }
+    };
+    text("content_type", props.content_type());
+    text("content_encoding", props.content_encoding());
+    text("correlation_id", props.correlation_id());
+    text("reply_to", props.reply_to());
+    text("expiration", props.expiration());
+    text("message_id", props.message_id());
+    text("type", props.kind());
+    text("user_id", props.user_id());
+    text("app_id", props.app_id());
+    text("cluster_id", props.cluster_id());
+    if let Some(mode) = props.delivery_mode() {
+        map.insert("delivery_mode".into(), Value::from(*mode));
+    }
+    if let Some(priority) = props.priority() {
+        map.insert("priority".into(), Value::from(*priority));
+    }
+    if let Some(seconds) = props.timestamp() {
+        map.insert("timestamp".into(), timestamp_json(*seconds));
+    }
+    map
+}
+
+/// Nesting deeper than this is shown as a note: a hostile header cannot exhaust the stack.
+const MAX_DEPTH: usize = 16;
+
+fn table_json(table: &FieldTable, depth: usize) -> Map<String, Value> {
+    table
+        .inner()
+        .iter()
+        .map(|(key, value)| (key.as_str().to_owned(), amqp_json(value, depth + 1)))
+        .collect()
+}
+
+/// An AMQP field value as JSON.
+fn amqp_json(value: &AMQPValue, depth: usize) -> Value {
+    if depth > MAX_DEPTH {
+        return Value::String(format!(
+            "(nested deeper than {MAX_DEPTH} levels: not shown)"
+        ));
+    }
+    match value {
+        AMQPValue::Boolean(b) => Value::Bool(*b),
+        AMQPValue::Float(f) => float_json(f64::from(*f)),
+        AMQPValue::Double(f) => float_json(*f),
+        AMQPValue::DecimalValue(d) => {
+            serde_json::json!({ "decimal": { "scale": d.scale, "value": d.value } })
+        }
+        AMQPValue::ShortString(s) => Value::String(s.as_str().to_owned()),
+        AMQPValue::LongString(s) => Value::String(String::from_utf8_lossy(s.as_bytes()).into()),
+        AMQPValue::FieldArray(items) => Value::Array(
+            items
+                .as_slice()
+                .iter()
+                .map(|v| amqp_json(v, depth + 1))
+                .collect(),
+        ),
+        AMQPValue::Timestamp(seconds) => timestamp_json(*seconds),
+        AMQPValue::FieldTable(table) => Value::Object(table_json(table, depth)),
+        AMQPValue::ByteArray(bytes) => {
+            let hex: String = bytes
+                .as_slice()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            serde_json::json!({ "bytes_hex": hex })
+        }
+        AMQPValue::Void => Value::Null,
+        other => integer(other).map_or(Value::Null, Value::from),
+    }
+}
+
+fn float_json(f: f64) -> Value {
+    serde_json::Number::from_f64(f).map_or_else(|| Value::String(f.to_string()), Value::Number)
+}
+
+/// An AMQP timestamp (seconds since the epoch) as RFC 3339 text.
+fn timestamp_json(seconds: u64) -> Value {
+    let at = SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(seconds));
+    match at {
+        Some(at) if seconds < 253_402_300_800 => {
+            Value::String(humantime::format_rfc3339_seconds(at).to_string())
+        }
+        // Past year 9999: RFC 3339 cannot say it; the number itself.
+        _ => Value::from(seconds),
+    }
+}
+
+/// An AMQP integer of any width.
+fn integer(value: &AMQPValue) -> Option<i64> {
+    match value {
+        AMQPValue::ShortShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongLongInt(n) => Some(*n),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::{FieldArray, LongString};
+
+    fn text(s: &str) -> AMQPValue {
+        AMQPValue::LongString(LongString::from(s))
+    }
+
+    fn with_headers(pairs: Vec<(&str, AMQPValue)>) -> BasicProperties {
+        let mut headers = FieldTable::default();
+        for (key, value) in pairs {
+            headers.insert(key.into(), value);
+        }
+        BasicProperties::default()
+            .with_message_id("job-1".into())
+            .with_type("send".into())
+            .with_headers(headers)
+    }
+
+    #[test]
+    fn a_workers_dead_letter_is_read_from_its_headers() {
+        let props = with_headers(vec![
+            (envelope::ERROR_CLASS, text("permanent")),
+            (envelope::ERROR, text("no such user")),
+            (envelope::ATTEMPTS, AMQPValue::LongLongInt(3)),
+            (envelope::FAILED_AT, text("2026-11-30T10:00:00.000Z")),
+        ]);
+        let record = DeadRecord::read(&props, br#"{"to":"a@b.c"}"#);
+        assert_eq!(record.id.as_deref(), Some("job-1"));
+        assert_eq!(record.kind.as_deref(), Some("send"));
+        assert_eq!(record.class.as_deref(), Some("permanent"));
+        assert_eq!(record.reason.as_deref(), Some("no such user"));
+        assert_eq!(record.attempts, Some(3));
+        assert!(record.failed_at_time().is_some());
+        assert_eq!(record.payload_preview, r#"{"to":"a@b.c"}"#);
+    }
+
+    #[test]
+    fn a_brokers_dead_letter_is_read_from_x_death_not_forged_headers() {
+        let mut death = FieldTable::default();
+        death.insert("reason".into(), text("delivery_limit"));
+        death.insert("queue".into(), text("emails"));
+        death.insert("time".into(), AMQPValue::Timestamp(1_790_000_000));
+        let props = with_headers(vec![
+            (
+                "x-death",
+                AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+            ),
+            (envelope::ERROR_CLASS, text("forged")),
+            (envelope::DELIVERY_COUNT, AMQPValue::LongLongInt(11)),
+        ]);
+        let record = DeadRecord::read(&props, b"{}");
+        assert_eq!(record.class.as_deref(), Some("delivery-limit"));
+        assert!(
+            record
+                .reason
+                .as_deref()
+                .is_some_and(|r| r.contains("emails"))
+        );
+        assert_eq!(record.attempts, Some(11));
+        assert!(record.failed_at_time().is_some());
+    }
+
+    #[test]
+    fn filters_need_every_condition() {
+        let props = with_headers(vec![
+            (envelope::ERROR_CLASS, text("exhausted")),
+            (envelope::FAILED_AT, text("2026-11-30T10:00:00.000Z")),
+        ]);
+        let record = DeadRecord::read(&props, b"{}");
+        assert!(Filter::default().matches(&record));
+        let kind = |k: &str| Filter {
+            kind: Some(k.into()),
+            ..Filter::default()
+        };
+        assert!(kind("send").matches(&record));
+        assert!(!kind("other").matches(&record));
+        let both = Filter {
+            class: Some("permanent".into()),
+            ..kind("send")
+        };
+        assert!(!both.matches(&record));
+        let ids = Filter {
+            ids: vec!["x".into(), "job-1".into()],
+            ..Filter::default()
+        };
+        assert!(ids.matches(&record));
+        let at = record.failed_at_time().expect("dated");
+        let older = |before: SystemTime| Filter {
+            failed_before: Some(before),
+            ..Filter::default()
+        };
+        assert!(older(at + Duration::from_secs(1)).matches(&record));
+        assert!(!older(at - Duration::from_secs(1)).matches(&record));
+        let undated = DeadRecord::read(&with_headers(vec![]), b"{}");
+        assert!(!older(SystemTime::now()).matches(&undated));
+    }
+
+    #[test]
+    fn hostile_headers_become_bounded_json() {
+        let mut nested = AMQPValue::LongString(LongString::from("bottom"));
+        for _ in 0..100 {
+            nested = AMQPValue::FieldArray(FieldArray::from(vec![nested]));
+        }
+        let props = with_headers(vec![
+            ("deep", nested),
+            (envelope::ERROR_CLASS, text(&"c".repeat(10_000))),
+            ("nan", AMQPValue::Double(f64::NAN)),
+            ("when", AMQPValue::Timestamp(u64::MAX)),
+        ]);
+        let record = DeadRecord::read(&props, &[0xff; 1000]);
+        assert!(
+            record
+                .class
+                .as_deref()
+                .is_some_and(|c| c.len() <= MAX_SHORT_TEXT)
+        );
+        assert!(record.payload_preview.chars().count() <= PREVIEW_CHARS + 1);
+        let json = props
+            .headers()
+            .as_ref()
+            .map(|t| table_json(t, 0))
+            .expect("headers");
+        let shown = serde_json::to_string(&json).expect("serialises");
+        assert!(shown.contains("nested deeper"));
+        assert_eq!(json["nan"], Value::String("NaN".into()));
+        assert_eq!(json["when"], Value::from(u64::MAX));
+    }
 }
