@@ -150,8 +150,8 @@ pub struct DeadRecord {
     pub id: Option<String>,
     /// The job kind (`type`).
     pub kind: Option<String>,
-    /// Attempts made ([`envelope::ATTEMPTS`]; for a job the broker dead-lettered, the
-    /// deliveries it counted).
+    /// Attempts made ([`envelope::ATTEMPTS`]; for a job the broker dead-lettered, the attempt
+    /// it was on, [`envelope::ATTEMPT`]).
     pub attempts: Option<i64>,
     /// Which kind of failure: [`envelope::ERROR_CLASS`] for a job a worker gave up on; for one
     /// the broker dead-lettered (it carries `x-death`), its reason (`delivery-limit`,
@@ -910,11 +910,12 @@ fn broker_death(
         ),
         _ => None,
     };
-    let count = |key: &str| headers.and_then(|h| h.inner().get(key)).and_then(integer);
-    let attempts = [envelope::ACQUIRED_COUNT, envelope::DELIVERY_COUNT]
-        .iter()
-        .filter_map(|key| count(key))
-        .max();
+    // The broker's delivery counts on a message read from `<queue>.dead` count the reads of
+    // the dead-letter queue, not the work queue's deliveries: only Warren's attempt number says
+    // something (absent: the first attempt never ended).
+    let attempts = headers
+        .and_then(|h| h.inner().get(envelope::ATTEMPT))
+        .and_then(integer);
     (Some(class), Some(reason), failed_at, attempts)
 }
 
@@ -1090,6 +1091,8 @@ mod tests {
                 AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
             ),
             (envelope::ERROR_CLASS, text("forged")),
+            (envelope::ATTEMPTS, AMQPValue::LongLongInt(99)),
+            (envelope::ATTEMPT, AMQPValue::LongLongInt(2)),
             (envelope::DELIVERY_COUNT, AMQPValue::LongLongInt(11)),
         ]);
         let record = DeadRecord::read(&props, b"{}");
@@ -1100,7 +1103,7 @@ mod tests {
                 .as_deref()
                 .is_some_and(|r| r.contains("emails"))
         );
-        assert_eq!(record.attempts, Some(11));
+        assert_eq!(record.attempts, Some(2));
         assert!(record.failed_at_time().is_some());
     }
 
