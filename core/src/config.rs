@@ -763,9 +763,9 @@ impl Config {
 
 impl Config {
     /// Where the management HTTP API is, and its credentials: `management.url` (its
-    /// `user:password@`, percent-decoded) with `management.user` / `management.password` over
-    /// them; without `management.url`, broker.url's host on port 15672 over `http://`, with
-    /// broker.url's credentials. On error, why (any URL quoted with its password masked).
+    /// `user:password@`, percent-decoded, else broker.url's) with `management.user` /
+    /// `management.password` over them; without `management.url`, broker.url's host on port
+    /// 15672 over `http://`, with broker.url's credentials. On error, why (any URL quoted with its password masked).
     pub fn management_endpoint(&self) -> Result<ManagementEndpoint, String> {
         let (url, user, password, derived) = match &self.management.url {
             Some(url) => {
@@ -793,7 +793,7 @@ impl Config {
                         Some((user, password)) => (percent_decode(user), percent_decode(password)),
                         None => (percent_decode(info), String::new()),
                     },
-                    None => (String::new(), String::new()),
+                    None => self.broker_credentials(),
                 };
                 let path = if path.is_empty() { "/" } else { path };
                 (format!("{scheme}://{host}{path}"), user, password, false)
@@ -824,6 +824,19 @@ impl Config {
             password: self.management.password.clone().unwrap_or(password),
             derived,
         })
+    }
+}
+
+impl Config {
+    /// broker.url's user and password (empty when it does not parse).
+    fn broker_credentials(&self) -> (String, String) {
+        match self.broker.url.parse::<lapin::uri::AMQPUri>() {
+            Ok(uri) => (
+                uri.authority.userinfo.username,
+                uri.authority.userinfo.password,
+            ),
+            Err(_) => (String::new(), String::new()),
+        }
     }
 }
 
@@ -1311,11 +1324,22 @@ mod tests {
         let mut config = Config::default();
         config.apply_env(env(&[(MANAGEMENT_URL_ENV, "ftp://u:hunter2@h/")]));
         let err = config.validate().expect_err("not http").to_string();
+        assert!(err.contains("ftp://u:***@h/"), "{err}");
         assert!(
             err.contains("$WARREN_MANAGEMENT_URL") && err.contains("management.url"),
             "{err}"
         );
         assert!(!err.contains("hunter2"), "{err}");
+
+        let mut config = Config::default();
+        config.apply_env(env(&[(MANAGEMENT_URL_ENV, "http://127.0.0.1:25672")]));
+        let endpoint = config
+            .management_endpoint()
+            .expect("no credentials in the URL");
+        assert_eq!(
+            (endpoint.user.as_str(), endpoint.password.as_str()),
+            ("guest", "guest")
+        );
     }
 
     #[test]

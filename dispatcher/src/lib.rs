@@ -17,6 +17,7 @@ pub mod dlq;
 mod link;
 pub mod management;
 pub mod migrate;
+pub mod status;
 pub mod wait;
 
 use std::time::Duration;
