@@ -28,6 +28,7 @@ pub mod config;
 pub mod connection;
 pub mod delay;
 pub mod envelope;
+pub mod inflight;
 pub mod publish;
 pub mod reply;
 pub mod secret;

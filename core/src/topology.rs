@@ -66,6 +66,15 @@ pub const DELAY_DELIVER_EXCHANGE: &str = "warren.delay.deliver";
 /// Exchange and queue that catch a delayed job whose work queue no longer exists, so that it
 /// is kept in sight instead of circling in the delay levels.
 pub const UNROUTABLE: &str = "warren.unroutable";
+/// Fanout exchange of control requests to every worker process (`warren inflight`): each
+/// worker binds a queue of its own to it ([`control_queue_arguments`]; docs/PROTOCOL.md,
+/// "In-flight jobs").
+pub const CONTROL_EXCHANGE: &str = "warren.control";
+/// The most control requests a worker's control queue holds; older ones are dropped.
+pub const CONTROL_QUEUE_MAX: i64 = 16;
+/// How long a control request waits in a worker's control queue before it is dropped (its
+/// requester has stopped listening by then).
+pub const CONTROL_REQUEST_TTL_MS: i64 = 10_000;
 /// Suffix of every dead-letter queue.
 pub const DEAD_SUFFIX: &str = ".dead";
 /// Longest queue name: the delay routing key adds 44 bytes and must fit in 255.
@@ -196,6 +205,18 @@ pub fn check_priorities(
     queues
         .iter()
         .try_for_each(|(name, queue)| priority_support(name, queue, major))
+}
+
+/// The arguments of a worker process's control queue: server-named (`amq.gen-…`), exclusive
+/// and auto-delete (it lives as long as the worker's connection), bound to
+/// [`CONTROL_EXCHANGE`]. Classic (exclusive queues cannot be replicated), holding at most
+/// [`CONTROL_QUEUE_MAX`] requests for at most [`CONTROL_REQUEST_TTL_MS`]: whoever may publish
+/// to the control exchange can make it cost the broker and the worker only so much.
+pub fn control_queue_arguments() -> FieldTable {
+    let mut args = Arguments::of_type(QueueType::Classic);
+    args.long("x-max-length", CONTROL_QUEUE_MAX);
+    args.long("x-message-ttl", CONTROL_REQUEST_TTL_MS);
+    args.0
 }
 
 /// The arguments of [`DELAY_DELIVER_EXCHANGE`]: what matches no work queue goes to
@@ -407,6 +428,12 @@ pub async fn declare(
     d.queue(UNROUTABLE, "quorum", unroutable_queue_arguments())
         .await?;
     d.bind_queue(UNROUTABLE, UNROUTABLE, "").await?;
+    d.exchange_with(
+        CONTROL_EXCHANGE,
+        ExchangeKind::Fanout,
+        FieldTable::default(),
+    )
+    .await?;
     d.exchange_with(
         DELAY_DELIVER_EXCHANGE,
         ExchangeKind::Topic,

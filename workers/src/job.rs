@@ -65,6 +65,8 @@ pub(crate) struct Shared {
     pub lost: CancellationToken,
     /// Outcome counters over the process's life.
     pub stats: Arc<Stats>,
+    /// The jobs whose handlers run now, for `warren inflight` ([`crate::inflight`]).
+    pub running: Arc<crate::inflight::Running>,
 }
 
 /// How many jobs ended which way, over the worker process's life.
@@ -243,6 +245,7 @@ async fn run(
         attempt,
         redelivered: delivery.redelivered,
     };
+    let running = shared.running.enter(&ctx, queue.config.job_timeout);
     // The payload is parsed, and the handler called, before its future runs: a panic there (a
     // custom `Deserialize`, code before the handler's first `.await`) is caught too.
     let result = match std::panic::catch_unwind(AssertUnwindSafe(|| start(body, ctx))) {
@@ -272,6 +275,7 @@ async fn run(
         Ok(Err(err @ PayloadError::Mismatch(_))) => Err(JobError::permanent(err.to_string())),
         Err(panic) => Err(panicked(&*panic)),
     };
+    drop(running);
     drop(slot);
     // A handler that blocked its thread could not be stopped: its result comes too late.
     if taken_back.is_cancelled() {

@@ -10,6 +10,7 @@
 //!   dead-lettered;
 //! - [`settle`] (private): each channel's settler, which sends the acks, batching runs of
 //!   finished deliveries into one `multiple` ack;
+//! - `inflight` (private): the jobs running now, and answering `warren inflight` about them;
 //! - [`retry`]: the backoff schedule;
 //! - [`builtin`]: the `echo`, `sleep` and `fail` kinds used by the demo and the tests;
 //! - `cli` (cargo feature `cli`): the `warren-worker` command line, reusable by worker
@@ -33,6 +34,7 @@ pub mod builtin;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod handler;
+mod inflight;
 mod job;
 pub mod retry;
 mod settle;

@@ -55,7 +55,10 @@ use warren_core::config::Config;
 use warren_core::connection::{self, ConnectError, Connector};
 use warren_core::topology::{self, TopologyError};
 
+use warren_core::inflight::WorkerInfo;
+
 use crate::handler::Registry;
+use crate::inflight::{self, Running};
 use crate::job::{self, QueueRuntime, Shared, Stats};
 use crate::settle::{SettleHook, Settled, Settler};
 
@@ -133,6 +136,8 @@ struct Process {
     tracker: TaskTracker,
     stats: Arc<Stats>,
     hook: Option<SettleHook>,
+    /// The jobs whose handlers run now, across sessions (`warren inflight`).
+    running: Arc<Running>,
 }
 
 impl Worker {
@@ -194,6 +199,7 @@ impl Worker {
             tracker: TaskTracker::new(),
             stats: Arc::default(),
             hook: self.hook,
+            running: Arc::default(),
             config: self.config,
             registry: self.registry,
         };
@@ -236,10 +242,7 @@ impl Process {
         reconnect: &mut ExponentialBackoff,
     ) -> Result<(), WorkerError> {
         let timeout = self.config.broker.operation_timeout;
-        let consuming = self
-            .connector
-            .connect(&format!("warren-worker {} consume", self.worker_id))
-            .await?;
+        let consuming = self.connector.connect(&self.consuming_name()).await?;
         let publishing = self
             .connector
             .connect(&format!("warren-worker {} publish", self.worker_id))
@@ -277,6 +280,7 @@ impl Process {
             blocked: blocked.clone(),
             lost: CancellationToken::new(),
             stats: self.stats.clone(),
+            running: self.running.clone(),
         });
 
         let consumers = Consumers::default();
@@ -284,6 +288,16 @@ impl Process {
         for queue in &self.queues {
             deliveries.push(self.consume(&consuming, queue, &consumers).await?);
         }
+        // Answers `warren inflight` until the session ends (best effort: never fails it).
+        let _responder = inflight::answer_requests(inflight::Control {
+            consuming: &consuming,
+            publishing: &publishing,
+            running: self.running.clone(),
+            worker: self.identity(),
+            blocked: blocked.clone(),
+            timeout,
+        })
+        .await;
         *reconnect = reconnect_backoff();
         tracing::info!(
             worker = %self.worker_id,
@@ -381,6 +395,24 @@ impl Process {
                 self.tracker.len(),
                 humantime::format_duration(grace)
             );
+        }
+    }
+
+    /// The consuming connection's name, as the broker lists it.
+    fn consuming_name(&self) -> String {
+        format!("warren-worker {} consume", self.worker_id)
+    }
+
+    /// Who this process is, in its answers to `warren inflight`.
+    fn identity(&self) -> WorkerInfo {
+        let host = self
+            .worker_id
+            .rsplit_once(':')
+            .map_or(self.worker_id.as_str(), |(host, _)| host);
+        WorkerInfo {
+            connection: self.consuming_name(),
+            host: host.to_owned(),
+            pid: std::process::id(),
         }
     }
 
