@@ -269,9 +269,12 @@ pub enum EncodeError {
     #[error("job id is empty")]
     EmptyId,
     #[error(
-        "a delay of {} is longer than the delay levels can hold ({} at most)",
-        humantime::format_duration(*.0),
-        humantime::format_duration(delay::MAX_DELAY)
+        "a delay of {} s ({:.1} days) is longer than the delay levels can hold: {} s ({:.1} \
+         days) at most",
+        .0.as_secs(),
+        .0.as_secs_f64() / 86_400.0,
+        delay::MAX_DELAY.as_secs(),
+        delay::MAX_DELAY.as_secs_f64() / 86_400.0
     )]
     DelayTooLong(Duration),
 }

@@ -90,7 +90,9 @@ impl Log {
 /// A short class name for an error.
 pub fn class(error: &SubmitError) -> &'static str {
     match error {
-        SubmitError::Invalid(_) => "invalid",
+        SubmitError::Invalid(_) | SubmitError::Priority { .. } | SubmitError::Unsupported(_) => {
+            "invalid"
+        }
         SubmitError::UnknownQueue(_) => "unknown-queue",
         SubmitError::NoTopology => "no-topology",
         SubmitError::Blocked(_) => "blocked",
