@@ -287,6 +287,8 @@ enum Op {
     Get(&'static str),
     DeclareQueue(&'static str),
     DeclareWarrenQueue,
+    /// What a worker does to answer `warren inflight`.
+    ControlQueue,
     DeclareExchange(&'static str),
     Bind(&'static str, &'static str),
     Purge(&'static str),
@@ -362,11 +364,26 @@ const OPERATIONS: &[Operation] = &[
         false,
         false,
     ),
+    // Direct reply-to: a worker answers `warren inflight` (and `submit --wait`) by publishing
+    // to the default exchange, which needs write on `amq.default`; RabbitMQ cannot limit that
+    // to `amq.rabbitmq.reply-to.*` keys (topic permissions apply to topic exchanges only).
     op(
         "publish to the default exchange",
         Op::Publish("", "demo"),
         false,
+        true,
+    ),
+    op(
+        "publish to `warren.control` (warren inflight)",
+        Op::Publish("warren.control", ""),
+        true,
         false,
+    ),
+    op(
+        "declare a server-named exclusive queue, bind it to `warren.control`, consume it",
+        Op::ControlQueue,
+        false,
+        true,
     ),
     op("consume `demo`", Op::Consume("demo"), false, true),
     op(
@@ -529,6 +546,33 @@ async fn try_operation(connection: &Connection, op: &Operation) -> Outcome {
                         QUEUE.into(),
                         durable(),
                         topology::work_queue_arguments(QUEUE, &settings),
+                    )
+                    .await?;
+            }
+            Op::ControlQueue => {
+                let options = QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                };
+                let queue = channel
+                    .queue_declare("".into(), options, topology::control_queue_arguments())
+                    .await?;
+                channel
+                    .queue_bind(
+                        queue.name().clone(),
+                        topology::CONTROL_EXCHANGE.into(),
+                        "".into(),
+                        QueueBindOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await?;
+                channel
+                    .basic_consume(
+                        queue.name().clone(),
+                        "permissions-test".into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
                     )
                     .await?;
             }
