@@ -33,8 +33,8 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant, SystemTime};
 
-use futures::StreamExt;
 use futures::stream::FuturesOrdered;
+use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -774,7 +774,18 @@ impl Replay<'_> {
                 }
                 if let Some(rate) = self.options.rate {
                     let due = started + Duration::from_secs_f64(self.sent as f64 / rate);
-                    tokio::time::sleep_until(due.into()).await;
+                    let wait = tokio::time::sleep_until(due.into());
+                    tokio::pin!(wait);
+                    // Confirms that arrive while waiting are settled at once.
+                    loop {
+                        tokio::select! {
+                            () = &mut wait => break,
+                            Some(done) = in_flight.next(), if !in_flight.is_empty() => {
+                                self.settle(pass, done).await?;
+                                progress(&pass.progress(self.summary.moved));
+                            }
+                        }
+                    }
                 }
                 let properties =
                     envelope::replay_properties(&delivery.properties, SystemTime::now());
@@ -797,6 +808,12 @@ impl Replay<'_> {
                     if let Some(done) = in_flight.next().await {
                         self.settle(pass, done).await?;
                     }
+                    progress(&pass.progress(self.summary.moved));
+                }
+                // Each dead letter is removed as soon as its copy is confirmed, not at the end
+                // of the pass: a replay that dies leaves behind only what was in flight.
+                while let Some(Some(done)) = in_flight.next().now_or_never() {
+                    self.settle(pass, done).await?;
                     progress(&pass.progress(self.summary.moved));
                 }
             }
