@@ -14,6 +14,7 @@
 //! [`migrate`] replaces queues declared with other arguments.
 
 pub mod dlq;
+pub mod doctor;
 pub mod inflight;
 mod link;
 pub mod management;

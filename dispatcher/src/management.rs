@@ -210,10 +210,16 @@ impl Management {
         &self,
         user: &str,
     ) -> Result<Option<Vec<Permission>>, ManagementError> {
-        if self.get_optional::<Value>(&["users", user]).await?.is_none() {
+        if self
+            .get_optional::<Value>(&["users", user])
+            .await?
+            .is_none()
+        {
             return Ok(None);
         }
-        self.get_json(&["users", user, "permissions"]).await.map(Some)
+        self.get_json(&["users", user, "permissions"])
+            .await
+            .map(Some)
     }
 
     /// `GET /api/config/effective`: the node's effective configuration as Erlang terms
@@ -597,7 +603,10 @@ mod tests {
     #[test]
     fn the_vhost_is_decoded_from_the_broker_url() {
         assert_eq!(broker_vhost("amqp://guest:guest@127.0.0.1:5672/%2f"), "/");
-        assert_eq!(broker_vhost("amqp://guest:guest@127.0.0.1:5672/prod"), "prod");
+        assert_eq!(
+            broker_vhost("amqp://guest:guest@127.0.0.1:5672/prod"),
+            "prod"
+        );
         assert_eq!(broker_vhost("amqp://guest:guest@127.0.0.1:5672"), "/");
     }
 
