@@ -36,7 +36,7 @@ create_users() {
     { "name": "$worker", "password": "$WARREN_WORKER_PASSWORD", "tags": [] }
   ],
   "permissions": [
-    { "user": "$dispatcher", "vhost": "/", "configure": "^\$", "write": "^warren\\\\.(jobs|control)\$", "read": "^\$" },
+    { "user": "$dispatcher", "vhost": "/", "configure": "^\$", "write": "^warren\\\\.(jobs|control|delay\\\\.21)\$", "read": "^\$" },
     { "user": "$worker", "vhost": "/", "configure": "^amq\\\\.gen-.*\$", "write": "^(warren\\\\.(jobs|dead|delay\\\\.21)|amq\\\\.default|amq\\\\.gen-.*)\$", "read": "^(default|demo|warren\\\\.control|amq\\\\.gen-.*)\$" }
   ]
 }

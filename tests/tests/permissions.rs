@@ -337,13 +337,14 @@ const OPERATIONS: &[Operation] = &[
         true,
         true,
     ),
+    // The dispatcher submits delayed jobs (`warren submit --delay`) into the delay levels.
     op(
-        "publish to `warren.delay.21` (retry)",
+        "publish to `warren.delay.21` (retry; delayed submit)",
         Op::Publish(
             "warren.delay.21",
             "0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.1.demo",
         ),
-        false,
+        true,
         true,
     ),
     op(

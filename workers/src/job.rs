@@ -476,7 +476,16 @@ fn send_reply<'a>(
         match tokio::time::timeout(shared.publish_timeout, send).await {
             Ok(Ok(_)) => tracing::debug!("outcome sent to the waiting producer"),
             Ok(Err(err)) => {
-                tracing::warn!(error = %err, "could not send the outcome to the waiting producer")
+                // ACCESS_REFUSED (a worker user without write on `amq.default`) closes the
+                // publishing channel: reconnect now rather than fail the next job's step.
+                if !shared.publisher.status().connected() {
+                    shared.lost.cancel();
+                }
+                tracing::warn!(
+                    error = %err,
+                    "could not send the outcome to the waiting producer (the worker user needs \
+                     write on `amq.default`: config/definitions.json)"
+                );
             }
             Err(_) => tracing::warn!("sending the outcome to the waiting producer timed out"),
         }
