@@ -381,7 +381,7 @@ async fn plugins_check(config: &Config, management: &Management) -> Check {
     let mut problems = Vec::new();
     let mut warnings = Vec::new();
     for node in nodes.iter().filter(|n| n.running != Some(false)) {
-        let has = |plugin: &str| node.enabled_plugins.iter().any(|p| p == plugin);
+        let has = |plugin: &str| node.has_plugin(plugin);
         if !has("rabbitmq_management") {
             problems.push(format!("{}: rabbitmq_management is not enabled", node.name));
         }

@@ -471,6 +471,23 @@ pub struct NodeInfo {
     pub running: Option<bool>,
     /// The plugins enabled on the node (`rabbitmq-plugins enable`).
     pub enabled_plugins: Vec<String>,
+    /// The Erlang applications running on the node (plugins among them).
+    pub applications: Vec<Application>,
+}
+
+impl NodeInfo {
+    /// Whether `plugin` is enabled (or at least running) on the node.
+    pub fn has_plugin(&self, plugin: &str) -> bool {
+        self.enabled_plugins.iter().any(|p| p == plugin)
+            || self.applications.iter().any(|a| a.name == plugin)
+    }
+}
+
+/// One running application of a node.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Application {
+    pub name: String,
 }
 
 /// One of `GET /api/feature-flags`.
