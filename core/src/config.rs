@@ -10,11 +10,11 @@
 //! another broker without a file. An error about an overridden key names the variable, not the
 //! file. Broker URLs are shown with their password masked ([`crate::secret`]), in errors too.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{delay, topology};
 
@@ -70,6 +70,9 @@ pub struct Config {
     /// Keys set by an environment variable ([`ENV_OVERRIDES`]), with the variable's name: an
     /// error about such a key names the variable as its origin.
     pub env_overrides: BTreeMap<&'static str, &'static str>,
+    /// The keys the file sets (dotted: `worker.concurrency`, `queues.emails.retry.jitter`), for
+    /// `warren config show` ([`crate::settings`]).
+    pub file_keys: BTreeSet<String>,
 }
 
 /// The file as written: queue sections stay raw tables until they are merged over
@@ -107,7 +110,7 @@ impl std::fmt::Display for ConfigSource {
 }
 
 /// `[broker]`: how to reach RabbitMQ.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
     /// AMQP URL, vhost percent-encoded (`%2f` is `/`): `amqp://` (plaintext) or `amqps://`
@@ -142,7 +145,7 @@ impl BrokerConfig {
 
 /// `[broker.tls]`: TLS to the broker (`amqps://` URLs). Every key is optional: without
 /// `ca_file` the system's trust store is used.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
     /// PEM file of the CA(s) that signed the broker's certificate; when set, only these are
@@ -183,7 +186,7 @@ impl Default for BrokerConfig {
 /// read (queue statistics, the broker's version, feature flags, plugins, settings, users'
 /// permissions). Every key is optional: by default the API is at broker.url's host, port 15672,
 /// `http://`, with broker.url's user and password. The password is never shown.
-#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ManagementConfig {
     /// `http://` or `https://` address of the management API (the UI's address), which may
@@ -235,7 +238,7 @@ impl std::fmt::Debug for ManagementEndpoint {
 pub const DEFAULT_MANAGEMENT_PORT: u16 = 15672;
 
 /// `[jobs]`: limits that apply to every job.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JobsConfig {
     /// The largest JSON payload accepted, in bytes.
@@ -251,7 +254,7 @@ impl Default for JobsConfig {
 }
 
 /// `[dispatcher]`: submitting jobs.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DispatcherConfig {
     /// How many publishes may wait for their confirm at once in a batch.
@@ -267,7 +270,7 @@ impl Default for DispatcherConfig {
 }
 
 /// `[worker]`: the worker process.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
     /// Handlers run at once by one process.
@@ -303,7 +306,7 @@ impl WorkerConfig {
 }
 
 /// `[queues.NAME]`: one work queue.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueueConfig {
     /// `quorum` (replicated, the default) or `classic`.
@@ -337,7 +340,7 @@ impl Default for QueueConfig {
 }
 
 /// The RabbitMQ queue type of a work queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum QueueType {
     Quorum,
@@ -354,7 +357,7 @@ impl QueueType {
 }
 
 /// `[queues.NAME.retry]`: the exponential backoff between attempts.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
     /// Attempts in all, the first one included. 1 means never retry.
@@ -516,6 +519,7 @@ impl Config {
             queues,
             source: ConfigSource::Defaults,
             env_overrides: BTreeMap::new(),
+            file_keys: crate::settings::keys_of(text),
         })
     }
 
@@ -945,7 +949,11 @@ fn merge(mut base: toml::Table, over: toml::Table) -> toml::Table {
 mod humane {
     use std::time::Duration;
 
-    use serde::{Deserialize, Deserializer};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(d)?;

@@ -32,6 +32,7 @@ pub mod inflight;
 pub mod publish;
 pub mod reply;
 pub mod secret;
+pub mod settings;
 pub mod tls;
 pub mod topology;
 
