@@ -38,6 +38,7 @@ mod inflight;
 mod job;
 pub mod retry;
 mod settle;
+mod watchdog;
 pub mod worker;
 
 pub use handler::{HandlerResult, JobContext, JobError, Registry};

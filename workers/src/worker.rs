@@ -61,6 +61,7 @@ use crate::handler::Registry;
 use crate::inflight::{self, Running};
 use crate::job::{self, QueueRuntime, Shared, Stats};
 use crate::settle::{SettleHook, Settled, Settler};
+use crate::watchdog;
 
 /// A worker: which queues it consumes, with which handlers.
 pub struct Worker {
@@ -242,7 +243,8 @@ impl Process {
         reconnect: &mut ExponentialBackoff,
     ) -> Result<(), WorkerError> {
         let timeout = self.config.broker.operation_timeout;
-        let consuming = self.connector.connect(&self.consuming_name()).await?;
+        // Shared with the watchdog task (watchdog.rs), which opens channels of its own.
+        let consuming = Arc::new(self.connector.connect(&self.consuming_name()).await?);
         let publishing = self
             .connector
             .connect(&format!("warren-worker {} publish", self.worker_id))
@@ -288,6 +290,14 @@ impl Process {
         for queue in &self.queues {
             deliveries.push(self.consume(&consuming, queue, &consumers).await?);
         }
+        // Subscribes again to a queue the broker no longer serves this worker without having
+        // said so (see watchdog.rs), until the session ends.
+        let _watchdog = watchdog::watch(
+            consuming.clone(),
+            consumers.clone(),
+            self.queues.iter().map(|q| q.name.clone()).collect(),
+            timeout,
+        );
         // Answers `warren inflight` until the session ends (best effort: never fails it).
         let _responder = inflight::answer_requests(inflight::Control {
             consuming: &consuming,
@@ -592,6 +602,8 @@ impl Process {
             overflow,
         };
         lock(&consumers.list).push(Subscription {
+            queue: queue.name.clone(),
+            ended: of.ended.clone(),
             channel,
             tag,
             overflow,
@@ -624,13 +636,16 @@ impl Process {
 /// once (the slots). The overflow consumers stay until the session ends: cancelling one makes
 /// RabbitMQ 3.10 hand its unacked deliveries to the queue again, and the jobs whose retries were
 /// waiting for the alarm would run twice (fault scenario 6 saw 223 such duplicates).
-#[derive(Default)]
-struct Consumers {
-    list: Mutex<Vec<Subscription>>,
+#[derive(Clone, Default)]
+pub(crate) struct Consumers {
+    list: Arc<Mutex<Vec<Subscription>>>,
 }
 
 /// One consumer of a session.
 struct Subscription {
+    queue: Arc<str>,
+    /// Set once the broker ended it (the `ended` of its [`ConsumerOf`]).
+    ended: Arc<AtomicBool>,
     channel: Channel,
     tag: String,
     /// An overflow consumer, only while publishing is blocked.
@@ -653,6 +668,21 @@ impl Consumers {
     /// Whether the overflow consumers were added already.
     fn has_overflow(&self) -> bool {
         lock(&self.list).iter().any(|s| s.overflow)
+    }
+
+    /// The consumers of `queue` (not the overflow ones) that have not ended and whose channel
+    /// is open: the ones the worker believes the broker serves.
+    pub(crate) fn live_of(&self, queue: &str) -> Vec<(Channel, String)> {
+        lock(&self.list)
+            .iter()
+            .filter(|s| {
+                !s.overflow
+                    && &*s.queue == queue
+                    && !s.ended.load(Ordering::Relaxed)
+                    && s.channel.status().connected()
+            })
+            .map(|s| (s.channel.clone(), s.tag.clone()))
+            .collect()
     }
 }
 
