@@ -6,7 +6,9 @@
 //! standard error.
 //!
 //! Exit codes: 0 success; 1 failure (including a job that failed, with `submit --wait`);
-//! 2 usage (clap's own); 3 timeout (`submit --wait`); 4 checks that do not hold (`doctor`).
+//! 2 usage (clap's own, and a job option its queue cannot take: a delay beyond the delay
+//! levels' maximum, a priority on a queue without priorities); 3 timeout (`submit --wait`);
+//! 4 checks that do not hold (`doctor`).
 
 mod config_show;
 mod dlq;
