@@ -20,6 +20,10 @@
 //!    - permanent, or out of attempts: publish a copy with the failure headers to
 //!      `<queue>.dead`, wait for its confirm, ack.
 //!
+//!    Before the ack of a final outcome (done, or dead-lettered), a job whose `reply_to` is a
+//!    direct reply-to address gets its outcome sent there ([`send_reply`],
+//!    [`warren_core::reply`]); never for a retry.
+//!
 //! If the replacement cannot be published, the delivery is rejected back to its queue
 //! (`basic.reject` with requeue, which RabbitMQ 4.x counts towards the delivery limit) so the broker redelivers it: nothing is lost, at worst run again.
 //! The ack or nack itself is sent by the channel's [`Settler`], which acks runs of finished
