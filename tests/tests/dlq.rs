@@ -386,7 +386,12 @@ async fn a_replay_killed_half_way_loses_none() {
     let dir = std::env::temp_dir().join(format!("warren-dlq-kill-{}", stage.queue));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let log = std::fs::File::create(dir.join("replay.log")).expect("log file");
-    let mut replay = Command::new(binary("warren"))
+    // Building the binary blocks: not on the runtime, whose connections must keep their
+    // heartbeats.
+    let warren_bin = tokio::task::spawn_blocking(|| binary("warren"))
+        .await
+        .expect("building warren");
+    let mut replay = Command::new(warren_bin)
         .args(["dlq", "replay", &stage.queue, "--all", "--rate", "50/s"])
         .current_dir(&dir)
         .env(warren_core::config::AMQP_URL_ENV, broker_url())
