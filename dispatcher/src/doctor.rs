@@ -26,10 +26,14 @@
 //! 9. `queue` (one per queue and dead-letter queue, and `warren.unroutable`): exists, with the
 //!    arguments [`topology`] declares for the config and its bindings.
 //! 10. `permissions` (one per user): the user Warren connects as, and each `--user`, against
-//!     what its role needs (README "Users and permissions"): a dispatcher writes `warren.jobs`;
-//!     a worker also writes `warren.delay.21` and `warren.dead` and reads its queues; an admin
-//!     configures, writes and reads all of Warren's names. Permission patterns are evaluated
-//!     like RabbitMQ does (an unanchored regular expression; empty means `^$`).
+//!     what its role needs (README "Users and permissions", config/definitions.json): a
+//!     dispatcher writes `warren.jobs`; a worker also writes `warren.delay.21` and
+//!     `warren.dead` and reads its queues; an admin configures, writes and reads all of
+//!     Warren's names. What only some commands need is a warning when missing: a
+//!     dispatcher's `warren.delay.21` (delayed submits) and `warren.control` (`warren
+//!     inflight`); a worker's `amq.default` (answering `submit --wait`), `warren.control` and
+//!     server-named `amq.gen-*` queues (answering `warren inflight`). Permission patterns are
+//!     evaluated like RabbitMQ does (an unanchored regular expression; empty means `^$`).
 //!
 //! [`Report::holds`] is true when no check failed (warnings hold).
 
@@ -859,15 +863,19 @@ async fn user_check(management: &Management, queues: &[String], user: &UserToChe
         None if queues.iter().any(|q| patterns.read.is_match(q)) => (Role::Worker, true),
         None => (Role::Dispatcher, true),
     };
-    let mut missing = Vec::new();
-    for (right, resource) in needs(role, queues) {
+    let (mut missing, mut lacking) = (Vec::new(), Vec::new());
+    for (right, resource, purpose) in needs(role, queues) {
         let regex = match right {
             "configure" => &patterns.configure,
             "write" => &patterns.write,
             _ => &patterns.read,
         };
-        if !regex.is_match(&resource) {
-            missing.push(format!("{right} `{resource}`"));
+        if regex.is_match(&resource) {
+            continue;
+        }
+        match purpose {
+            None => missing.push(format!("{right} `{resource}`")),
+            Some(purpose) => lacking.push(format!("{right} `{resource}` (for {purpose})")),
         }
     }
     let article = match role {
@@ -889,29 +897,60 @@ async fn user_check(management: &Management, queues: &[String], user: &UserToChe
         "configure `{}` write `{}` read `{}`",
         permission.configure, permission.write, permission.read
     );
-    match missing.is_empty() {
-        true => check.ok(format!("{how}: has what it needs ({shown})")),
-        false => check.fail(
-            format!("{how}: may not {} ({shown})", missing.join(", ")),
+    let fix = format!(
+        "rabbitmqctl set_permissions -p {vhost} {} with patterns that allow them (see \
+         config/definitions.json; list your queues in a worker's read pattern)",
+        user.name
+    );
+    match (missing.is_empty(), lacking.is_empty()) {
+        (true, true) => check.ok(format!("{how}: has what it needs ({shown})")),
+        (true, false) => check.warn(
             format!(
-                "rabbitmqctl set_permissions -p {vhost} {} with patterns that allow them (see \
-                 config/definitions.json; list your queues in a worker's read pattern)",
-                user.name
+                "{how}: has what it needs to run, but may not {} ({shown})",
+                lacking.join(", ")
             ),
+            fix,
         ),
+        (false, _) => {
+            missing.extend(lacking);
+            check.fail(
+                format!("{how}: may not {} ({shown})", missing.join(", ")),
+                fix,
+            )
+        }
     }
 }
 
-/// What each role needs: (right, resource name).
-fn needs(role: Role, queues: &[String]) -> Vec<(&'static str, String)> {
+/// What each role needs: (right, resource name, what it is for when it is not essential —
+/// a missing one of those is a warning).
+fn needs(role: Role, queues: &[String]) -> Vec<(&'static str, String, Option<&'static str>)> {
     let top_level = topology::delay_level(delay::LEVELS - 1);
-    let mut needs = vec![("write", topology::JOBS_EXCHANGE.to_owned())];
+    // A server-named queue (a worker's control queue, `warren inflight`).
+    let server_named = "amq.gen-warren-doctor".to_owned();
+    let mut needs = vec![("write", topology::JOBS_EXCHANGE.to_owned(), None)];
     match role {
-        Role::Dispatcher => {}
+        Role::Dispatcher => {
+            needs.push(("write", top_level, Some("`warren submit --delay/--at`")));
+            needs.push((
+                "write",
+                topology::CONTROL_EXCHANGE.to_owned(),
+                Some("`warren inflight`"),
+            ));
+        }
         Role::Worker => {
-            needs.push(("write", top_level));
-            needs.push(("write", topology::DEAD_EXCHANGE.to_owned()));
-            needs.extend(queues.iter().map(|q| ("read", q.clone())));
+            needs.push(("write", top_level, None));
+            needs.push(("write", topology::DEAD_EXCHANGE.to_owned(), None));
+            needs.extend(queues.iter().map(|q| ("read", q.clone(), None)));
+            needs.push((
+                "write",
+                "amq.default".to_owned(),
+                Some("answering `warren submit --wait`"),
+            ));
+            let inflight = Some("answering `warren inflight`");
+            needs.push(("read", topology::CONTROL_EXCHANGE.to_owned(), inflight));
+            for right in ["configure", "write", "read"] {
+                needs.push((right, server_named.clone(), inflight));
+            }
         }
         Role::Admin => {
             let mut names = vec![
@@ -919,6 +958,7 @@ fn needs(role: Role, queues: &[String]) -> Vec<(&'static str, String)> {
                 topology::DEAD_EXCHANGE.to_owned(),
                 topology::UNROUTABLE.to_owned(),
                 topology::DELAY_DELIVER_EXCHANGE.to_owned(),
+                topology::CONTROL_EXCHANGE.to_owned(),
             ];
             names.extend((0..delay::LEVELS).map(topology::delay_level));
             for queue in queues {
@@ -929,7 +969,7 @@ fn needs(role: Role, queues: &[String]) -> Vec<(&'static str, String)> {
             needs.clear();
             for name in names {
                 for right in ["configure", "write", "read"] {
-                    needs.push((right, name.clone()));
+                    needs.push((right, name.clone(), None));
                 }
             }
         }
@@ -1026,7 +1066,7 @@ mod tests {
                 read: p["read"].as_str().expect("text").into(),
             };
             let patterns = Patterns::new(&permission).expect("compiles");
-            for (right, resource) in needs(role, &queues) {
+            for (right, resource, _) in needs(role, &queues) {
                 let regex = match right {
                     "configure" => &patterns.configure,
                     "write" => &patterns.write,

@@ -198,7 +198,8 @@ async fn doctor_fails_on_a_queue_declared_with_another_argument() {
 }
 
 /// Given a worker user that may not publish to `warren.dead`, doctor exits 4 and names the
-/// user and the permission; a worker user with every permission passes.
+/// user and the permission; a worker user with the permissions of config/definitions.json
+/// passes, and one that only cannot answer `submit --wait` gets a warning.
 #[tokio::test]
 async fn doctor_fails_on_a_user_missing_a_permission() {
     let vhost = TempVhost::new("doctor-perm");
@@ -207,23 +208,56 @@ async fn doctor_fails_on_a_user_missing_a_permission() {
     config.broker.url = vhost.url();
     let dispatcher = dispatcher(&config).await;
     let file = ConfigFile::new(&queue);
-    let read = format!("^{}$", queue.replace('-', "\\-"));
-    let (good, bad) = (
+    // The worker's permissions of config/definitions.json, reading this test's queue; the bad
+    // user lacks `warren.dead`.
+    let configure = "^amq\\.gen-.*$";
+    let read = format!("^({queue}|warren\\.control|amq\\.gen-.*)$");
+    let (good, bad, partial) = (
         format!("{}-good", vhost.name),
         format!("{}-bad", vhost.name),
+        format!("{}-partial", vhost.name),
     );
     let mut users = Users(Vec::new());
     users.add(
         &vhost,
         &good,
-        ["^$", "^warren\\.(jobs|dead|delay\\.21)$", &read],
+        [
+            configure,
+            "^(warren\\.(jobs|dead|delay\\.21)|amq\\.default|amq\\.gen-.*)$",
+            &read,
+        ],
     );
-    users.add(&vhost, &bad, ["^$", "^warren\\.(jobs|delay\\.21)$", &read]);
+    users.add(
+        &vhost,
+        &bad,
+        [
+            configure,
+            "^(warren\\.(jobs|delay\\.21)|amq\\.default|amq\\.gen-.*)$",
+            &read,
+        ],
+    );
+    // Runs jobs, but cannot answer `warren submit --wait` (no write on amq.default): a warning.
+    users.add(
+        &vhost,
+        &partial,
+        [
+            configure,
+            "^(warren\\.(jobs|dead|delay\\.21)|amq\\.gen-.*)$",
+            &read,
+        ],
+    );
 
     let (output, report) = doctor(
         &vhost,
         &file,
-        &["--user", &format!("{good}=worker"), "--user", &bad],
+        &[
+            "--user",
+            &format!("{good}=worker"),
+            "--user",
+            &bad,
+            "--user",
+            &partial,
+        ],
     )
     .await;
 
@@ -238,6 +272,14 @@ async fn doctor_fails_on_a_user_missing_a_permission() {
         the_check(&report, "permissions", &good)["status"],
         "ok",
         "{report:#}"
+    );
+    let warned = the_check(&report, "permissions", &partial);
+    assert_eq!(warned["status"], "warn", "{warned:#}");
+    assert!(
+        warned["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("amq.default")),
+        "{warned:#}"
     );
     assert_eq!(
         the_check(&report, "permissions", "guest")["status"],
