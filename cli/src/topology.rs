@@ -15,6 +15,9 @@ pub enum Command {
         /// Also declare this queue (repeatable).
         #[arg(long)]
         queue: Vec<String>,
+        /// Print each declared exchange, queue and binding as a JSON object per line.
+        #[arg(long)]
+        json: bool,
     },
     /// Like apply, and replace each of Warren's queues that exists with other arguments (an
     /// older Warren's dead-letter queues, changed queue settings), keeping its messages. Stop
@@ -24,13 +27,16 @@ pub enum Command {
         /// Also declare (and migrate) this queue (repeatable).
         #[arg(long)]
         queue: Vec<String>,
+        /// Print each migrated queue as a JSON object per line.
+        #[arg(long)]
+        json: bool,
     },
 }
 
 pub async fn run(dispatcher: &Dispatcher, command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Apply { queue } => apply_topology(dispatcher, &queue).await?,
-        Command::Migrate { queue } => migrate_topology(dispatcher, &queue).await?,
+        Command::Apply { queue, json } => apply_topology(dispatcher, &queue, json).await?,
+        Command::Migrate { queue, json } => migrate_topology(dispatcher, &queue, json).await?,
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -48,14 +54,19 @@ fn queues_with(dispatcher: &Dispatcher, extra: &[String]) -> Vec<String> {
 
 /// `warren topology migrate`: like `apply`, replacing the queues that differ (keeping their
 /// messages), each reported as it is done.
-async fn migrate_topology(dispatcher: &Dispatcher, extra_queues: &[String]) -> anyhow::Result<()> {
+async fn migrate_topology(
+    dispatcher: &Dispatcher,
+    extra_queues: &[String],
+    json: bool,
+) -> anyhow::Result<()> {
     let queues = queues_with(dispatcher, extra_queues);
     let (declared, migrated) = dispatcher
-        .migrate_topology(&queues, |done| {
-            println!(
+        .migrate_topology(&queues, |done| match json {
+            true => println!("{}", serde_json::json!(done)),
+            false => println!(
                 "migrated queue {}: {} message(s) kept ({})",
                 done.queue, done.messages, done.reason
-            );
+            ),
         })
         .await?;
     eprintln!(
@@ -67,11 +78,18 @@ async fn migrate_topology(dispatcher: &Dispatcher, extra_queues: &[String]) -> a
 }
 
 /// `warren topology apply`: declares everything and prints it.
-async fn apply_topology(dispatcher: &Dispatcher, extra_queues: &[String]) -> anyhow::Result<()> {
+async fn apply_topology(
+    dispatcher: &Dispatcher,
+    extra_queues: &[String],
+    json: bool,
+) -> anyhow::Result<()> {
     let queues = queues_with(dispatcher, extra_queues);
     let declared = dispatcher.apply_topology(&queues).await?;
     for item in &declared {
-        println!("{item}");
+        match json {
+            true => println!("{}", serde_json::json!(item)),
+            false => println!("{item}"),
+        }
     }
     eprintln!(
         "declared {} exchanges, queues and bindings (idempotent)",

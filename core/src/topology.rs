@@ -289,7 +289,8 @@ impl Arguments {
 }
 
 /// One thing [`declare`] declared, for `warren topology apply` to print.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "declared", rename_all = "lowercase")]
 pub enum Declared {
     Exchange {
         name: String,

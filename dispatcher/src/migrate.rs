@@ -33,7 +33,7 @@ use warren_core::topology::{self, Declared, TopologyError};
 use crate::{ApplyError, Dispatcher, LinkError};
 
 /// One queue replaced by [`Dispatcher::migrate_topology`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Migrated {
     pub queue: String,
     /// Messages moved out and back in.
