@@ -13,6 +13,7 @@ use crate::output::printable;
 
 /// Show the configuration Warren runs with.
 #[derive(Subcommand)]
+#[command(after_help = "Example:\n  warren config show --json")]
 pub enum Command {
     /// Every key in effect, with where it came from: an environment variable (named), the
     /// config file, or the built-in default. Passwords are masked.

@@ -15,7 +15,9 @@
 //! 4. merges the deliveries of all queues and runs each as its own task ([`crate::job`]), at
 //!    most `concurrency` at once across queues and sessions; each channel's settler task sends
 //!    the acks, batching runs of finished deliveries into one `multiple` ack
-//!    ([`crate::settle`]).
+//!    ([`crate::settle`]);
+//! 5. answers `warren inflight` with the jobs its handlers run, on a control queue of its own
+//!    ([`crate::inflight`]; best effort: a missing `warren.control` or permission is a warning).
 //!
 //! Each consumer asks for `x-consumer-timeout` ([`warren_core::config::Config::consumer_timeout`],
 //! longer than anything Warren's own `job_timeout` lets a delivery take). A consumer the broker
