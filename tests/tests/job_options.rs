@@ -360,10 +360,11 @@ async fn the_handler_sees_the_callers_id() {
 }
 
 /// Given a worker, when a producer writes `reply_to` itself — a queue's name, or a forged
-/// direct reply-to address (RabbitMQ refuses the bare `amq.rabbitmq.reply-to` from a channel
-/// that does not consume it: "fast reply consumer does not exist") — then the worker runs the jobs but sends nothing to that queue,
-/// and it keeps working: a job submitted with `--wait` afterwards gets its result. (RabbitMQ
-/// drops a reply to an address that names no channel; 4.3 logs no channel error for it.)
+/// direct reply-to address (`amq.rabbitmq.reply-to.AAAA.BBBB` is not a pid: it would crash a
+/// RabbitMQ 3.x channel) — then the worker runs the jobs but answers none of them (nothing
+/// reaches the named queue), and it keeps working: a job submitted with `--wait` afterwards
+/// gets its result. (The producer cannot send the bare `amq.rabbitmq.reply-to` from a channel
+/// that does not consume it: RabbitMQ refuses it, "fast reply consumer does not exist".)
 #[tokio::test]
 async fn a_reply_to_written_by_a_producer_gets_no_reply_and_harms_nothing() {
     let recorder = Recorder::new();
@@ -376,7 +377,11 @@ async fn a_reply_to_written_by_a_producer_gets_no_reply_and_harms_nothing() {
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .expect("confirms");
-    for reply_to in [victim.as_str(), "amq.rabbitmq.reply-to.forged"] {
+    for reply_to in [
+        victim.as_str(),
+        "amq.rabbitmq.reply-to.forged",
+        "amq.rabbitmq.reply-to.AAAA.BBBB",
+    ] {
         let message = NewJob::new(&stage.queue, "echo", &json!({ "to": reply_to }))
             .encode(1 << 20)
             .expect("encodes");
@@ -394,7 +399,7 @@ async fn a_reply_to_written_by_a_producer_gets_no_reply_and_harms_nothing() {
         .await
         .expect("confirmed");
     }
-    recorder.wait_for(2, Duration::from_secs(20)).await;
+    recorder.wait_for(3, Duration::from_secs(20)).await;
     let run = warren(&["submit", "--queue", &stage.queue, "--kind", "echo"])
         .args([
             "--payload",

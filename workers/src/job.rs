@@ -330,7 +330,7 @@ async fn settle(
             if let Some(value) = &result {
                 tracing::debug!(%value, "job result");
             }
-            if reply::reply_address(&delivery.properties).is_some() {
+            if reply::answerable_address(&delivery.properties).is_some() {
                 let result = result.unwrap_or_default();
                 let done = ReplyOutcome::Done {
                     result,
@@ -415,7 +415,7 @@ fn dead_letter_and_ack<'a>(
         let key = topology::dead_queue(&queue.name);
         let published =
             publish_copy(shared, topology::DEAD_EXCHANGE, &key, delivery, properties).await;
-        if published.is_ok() && reply::reply_address(&delivery.properties).is_some() {
+        if published.is_ok() && reply::answerable_address(&delivery.properties).is_some() {
             let failed = ReplyOutcome::Failed {
                 class: dead.reason.class().to_owned(),
                 reason: dead.error,
@@ -459,7 +459,7 @@ fn send_reply<'a>(
     outcome: ReplyOutcome,
 ) -> BoxFuture<'a, ()> {
     Box::pin(async move {
-        let Some(address) = reply::reply_address(&delivery.properties) else {
+        let Some(address) = reply::answerable_address(&delivery.properties) else {
             return;
         };
         let id = text(delivery.properties.message_id()).to_owned();
