@@ -45,7 +45,8 @@ pub struct Status {
 /// One source of numbers and whether it answered.
 #[derive(Debug, Clone, Serialize)]
 pub struct Source {
-    /// The management API's address (no credentials); `None` for AMQP.
+    /// The management API's address (no credentials), or broker.url with its password masked
+    /// (`None` when the connection failed before it was known).
     pub address: Option<String>,
     pub reachable: bool,
     /// Why not, when it did not answer.
@@ -98,10 +99,13 @@ pub async fn collect(
     queues: &[String],
 ) -> Status {
     let (counts, amqp_source) = match amqp {
-        Ok(dispatcher) => match count_now(dispatcher, queues).await {
-            Ok(counts) => (Some(counts), reachable(None)),
-            Err(reason) => (None, unreachable(None, reason)),
-        },
+        Ok(dispatcher) => {
+            let url = warren_core::secret::mask_url(&dispatcher.config().broker.url);
+            match count_now(dispatcher, queues).await {
+                Ok(counts) => (Some(counts), reachable(Some(url))),
+                Err(reason) => (None, unreachable(Some(url), reason)),
+            }
+        }
         Err(reason) => (None, unreachable(None, reason)),
     };
     let (samples, management_source) = sample(management, queues, counts.is_none()).await;

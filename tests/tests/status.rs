@@ -221,3 +221,91 @@ async fn without_the_management_api_status_counts_over_amqp() {
     cleanup(&channel, &[&queue]).await;
     dispatcher.close().await;
 }
+
+/// `--watch 1s --json` prints one JSON object per refresh, each with the queue's count, until
+/// SIGINT, after which it exits 0.
+#[tokio::test]
+async fn watch_refreshes_until_interrupted() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    // Given
+    let queue = unique_queue("status-watch");
+    let config = config(&[&queue]);
+    let dispatcher = dispatcher(&config).await;
+    let job = NewJob::new(&queue, "later", &json!({}));
+    dispatcher.submit(job).await.expect("submitted");
+
+    // When
+    let mut child = tokio::process::Command::new(binary("warren"))
+        .args(["status", "--queue", &queue, "--json", "--watch", "1s"])
+        .current_dir(std::env::temp_dir())
+        .env(warren_core::config::AMQP_URL_ENV, broker_url())
+        .env_remove(warren_core::config::CONFIG_ENV)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("warren status --watch starts");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    for _ in 0..3 {
+        let line = tokio::time::timeout(DEADLINE, lines.next_line())
+            .await
+            .expect("a refresh within the deadline")
+            .expect("reading stdout")
+            .expect("a line, not the end");
+        let status: Value = serde_json::from_str(&line).expect("each line is one JSON object");
+        assert_eq!(row(&status, &queue)["ready"], 1, "{status:#}");
+    }
+    let pid = child.id().expect("running").to_string();
+    let signalled = std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .expect("kill runs");
+    assert!(signalled.success());
+
+    // Then
+    let status = tokio::time::timeout(DEADLINE, child.wait())
+        .await
+        .expect("exits after SIGINT")
+        .expect("waiting");
+    assert!(status.success(), "{status:?}");
+    let channel = connect().await.create_channel().await.expect("channel");
+    cleanup(&channel, &[&queue]).await;
+    dispatcher.close().await;
+}
+
+/// On a classic queue the broker tells the age of the job at the head (from its timestamp):
+/// status shows it, sampled.
+#[tokio::test]
+async fn a_classic_queue_shows_its_oldest_job_age() {
+    // Given: a classic queue holding one job.
+    let queue = unique_queue("status-age");
+    let mut config = config(&[&queue]);
+    if let Some(settings) = config.queues.get_mut(&queue) {
+        settings.queue_type = warren_core::config::QueueType::Classic;
+    }
+    let dispatcher = dispatcher(&config).await;
+    let job = NewJob::new(&queue, "later", &json!({}));
+    dispatcher.submit(job).await.expect("submitted");
+
+    // When / then: once the management API has sampled the queue.
+    let until = Instant::now() + Duration::from_secs(40);
+    loop {
+        let status = status_json(&queue, &[]).await;
+        let shown = row(&status, &queue);
+        assert_eq!(shown["ready"], 1, "{status:#}");
+        if let Some(age) = shown["oldest_age_secs"].as_u64() {
+            assert!(age < 600, "{status:#}");
+            let sampled = shown["sampled"].as_array().expect("sampled");
+            assert!(sampled.contains(&json!("oldest_age_secs")), "{status:#}");
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "no oldest job age within 40 s: {status:#}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let channel = connect().await.create_channel().await.expect("channel");
+    cleanup(&channel, &[&queue]).await;
+    dispatcher.close().await;
+}
