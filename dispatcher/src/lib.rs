@@ -41,9 +41,11 @@ pub use wait::WaitError;
 pub struct Dispatcher {
     links: Links,
     config: Config,
-    /// Work queues a passive declare found, so a delayed job for them is not checked again
-    /// (the delay levels accept any key: a missing queue would show only when the job is due).
-    known_queues: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Work queues a passive declare found (or could not check: no permission), so a delayed
+    /// job for them is not checked again (the delay levels accept any key: a missing queue
+    /// would show only when the job is due). Held across a check, so that a batch of delayed
+    /// jobs checks each queue once.
+    known_queues: tokio::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Why a job was not submitted.
@@ -193,11 +195,12 @@ impl Dispatcher {
     /// A delayed job is published to the delay levels, which accept any routing key: that its
     /// queue exists is checked here, by a passive declare on a channel of its own (once per
     /// queue). A user who may not check (RabbitMQ 4.x answers a passive declare only for names
-    /// the user has some permission on) submits unchecked: a job whose queue is missing when it
-    /// is due goes to `warren.unroutable`.
+    /// the user has some permission on, so the dispatcher user of config/definitions.json is
+    /// refused, once per queue and process) submits unchecked: a job whose queue is missing
+    /// when it is due goes to `warren.unroutable`.
     async fn check_queue_exists(&self, link: &link::Link, queue: &str) -> Result<(), SubmitError> {
-        let known = |queues: &std::collections::HashSet<String>| queues.contains(queue);
-        if self.known_queues.lock().map(|q| known(&q)).unwrap_or(false) {
+        let mut known = self.known_queues.lock().await;
+        if known.contains(queue) {
             return Ok(());
         }
         let check = async {
@@ -222,12 +225,10 @@ impl Dispatcher {
         match checked {
             Ok(()) => {}
             Err(err) if is_not_found(&err) => return Err(SubmitError::UnknownQueue(queue.into())),
-            Err(err) if topology::is_access_refused(&err) => return Ok(()),
+            Err(err) if topology::is_access_refused(&err) => {}
             Err(err) => return Err(SubmitError::Connection(LinkError::Channel(err))),
         }
-        if let Ok(mut queues) = self.known_queues.lock() {
-            queues.insert(queue.to_owned());
-        }
+        known.insert(queue.to_owned());
         Ok(())
     }
 

@@ -423,6 +423,58 @@ async fn a_reply_to_written_by_a_producer_gets_no_reply_and_harms_nothing() {
     stage.end().await;
 }
 
+/// Given a worker, when `warren submit --file` reads a line with `"delay": "2s"` and one
+/// without, then the plain job runs at once and the delayed one no earlier than 2 s after the
+/// submit; and a file with a line asking a priority of a queue without priorities is refused
+/// as a whole (exit 1, the line named), nothing submitted.
+#[tokio::test]
+async fn file_lines_carry_delays_and_priorities_are_checked_before_sending() {
+    let recorder = Recorder::new();
+    let mut registry = Registry::new();
+    recorder.handle(&mut registry, "echo", |_| Ok(None));
+    let stage = Stage::new("file-opts", registry).await;
+    let dir = std::env::temp_dir().join(format!("warren-{}", stage.queue));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let jobs = dir.join("jobs.jsonl");
+    std::fs::write(
+        &jobs,
+        "{\"kind\": \"echo\", \"payload\": {\"n\": 1}, \"delay\": \"2s\"}\n\
+         {\"kind\": \"echo\", \"payload\": {\"n\": 2}}\n",
+    )
+    .expect("write");
+    let started = Instant::now();
+    let file = jobs.to_string_lossy().into_owned();
+    let run = warren(&["submit", "--queue", &stage.queue, "--file", &file, "--json"])
+        .run()
+        .await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert_eq!(run.stdout.lines().count(), 2, "{run:?}");
+    let calls = recorder.wait_for(2, Duration::from_secs(20)).await;
+    assert_eq!(calls[0].payload, json!({ "n": 2 }), "the plain job first");
+    assert_eq!(calls[1].payload, json!({ "n": 1 }));
+    assert!(calls[1].at.duration_since(started) >= Duration::from_secs(2));
+
+    let bad = dir.join("bad.jsonl");
+    std::fs::write(
+        &bad,
+        "{\"kind\": \"echo\", \"payload\": {}}\n{\"kind\": \"echo\", \"payload\": {}, \"priority\": 5}\n",
+    )
+    .expect("write");
+    let file = bad.to_string_lossy().into_owned();
+    let run = warren(&["submit", "--queue", &stage.queue, "--file", &file])
+        .run()
+        .await;
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stderr.contains("line 2") && run.stderr.contains("takes no priorities"),
+        "{run:?}"
+    );
+    assert!(run.stdout.is_empty(), "{run:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+    stage.stop_worker_and_check_empty().await;
+    assert_eq!(recorder.calls().len(), 2, "nothing of the bad file ran");
+}
+
 /// How late delayed jobs arrive: 3 samples each of 1 s, 10 s and 1 min, submitted together,
 /// lateness measured from the submit's start to the handler's call. Ignored (over a minute).
 #[tokio::test]
