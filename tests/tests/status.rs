@@ -60,6 +60,19 @@ async fn status_json(queue: &str, env: &[(&str, &str)]) -> Value {
     })
 }
 
+/// The consumers of `queue`, as a passive declare counts them.
+async fn consumers(channel: &lapin::Channel, queue: &str) -> u32 {
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+        .expect("the queue exists")
+        .consumer_count()
+}
+
 /// The row of `queue`.
 fn row<'a>(status: &'a Value, queue: &str) -> &'a Value {
     status["queues"]
@@ -99,6 +112,15 @@ async fn status_shows_what_was_submitted() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     worker.stop().await;
+    // A quorum queue forgets a closed channel's consumer a moment after the close.
+    let until = Instant::now() + Duration::from_secs(30);
+    while consumers(&channel, &queue).await > 0 {
+        assert!(
+            Instant::now() < until,
+            "the stopped worker's consumer stayed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Five more, with no worker.
     for n in 0..5 {
         let job = NewJob::new(&queue, "later", &json!({ "n": n }));
