@@ -1,18 +1,20 @@
 //! The dead-letter workbench: seeing, replaying, purging and exporting the jobs in a work
 //! queue's dead-letter queue (`<queue>.dead`) without ever losing one by looking.
 //!
-//! Every operation is one *pass* over `<queue>.dead` on a channel of its own:
+//! Every operation is one *pass* over `<queue>.dead` on channels of its own (never the
+//! dispatcher's submit channel):
 //!
-//! 1. `basic.get` without auto-ack, one message at a time, at most as many messages as the
-//!    queue held when the pass began (the first `basic.get-ok` says how many): jobs that arrive
-//!    meanwhile (a worker still failing them) are left for the next pass, so no pass runs
-//!    forever. A message is looked at and dropped from memory at once: only its delivery tag
-//!    is kept, so a queue of any depth is read in constant memory.
+//! 1. `basic.get` without auto-ack, on a few reader channels at once (eight: each get
+//!    from a quorum queue waits for a Raft log write, and concurrent gets share them), at most
+//!    as many messages as the queue held when the pass began (the first `basic.get-ok` says
+//!    how many): jobs that arrive meanwhile (a worker still failing them) are left for the next
+//!    pass, so no pass runs forever. A message is looked at and dropped from memory at once:
+//!    only its delivery tag is kept, so a queue of any depth is read in constant memory.
 //! 2. A message the operation takes is settled on its own: `purge` acks it; `replay`
 //!    republishes a copy to the work queue through [`topology::JOBS_EXCHANGE`] (mandatory, with
 //!    a publisher confirm) and acks the dead letter only once the broker confirmed the copy.
 //! 3. Everything else stays unacknowledged until the end of the pass and is handed back with a
-//!    single `basic.nack` (`multiple`, `requeue`); the channel then closes.
+//!    single `basic.nack` (`multiple`, `requeue`) per reader; the channels then close.
 //!
 //! A nack, unlike a reject or a closed channel, does not count towards a quorum queue's
 //! delivery limit on RabbitMQ 4.x; on 3.10 every return counts, and `<queue>.dead` is declared
