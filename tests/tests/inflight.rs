@@ -216,10 +216,10 @@ async fn with_no_workers_the_result_is_empty() {
 }
 
 /// Given a running worker, when someone publishes to `warren.control` a request whose
-/// `reply_to` names a queue, a malformed one, and then 60 well-formed requests at once, then the
-/// named queue receives nothing, and the well-formed requests get at most
-/// [`ANSWERS_PER_SECOND`] answers a second (one per request at most), and the worker goes on
-/// answering afterwards.
+/// `reply_to` names a queue, a malformed one, an oversized one and a good one, then only the
+/// good one is answered (once) and the named queue receives nothing; when 60 well-formed
+/// requests follow at once, they get at most [`ANSWERS_PER_SECOND`] answers a second (one per
+/// request at most), and the worker goes on answering afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_requests_get_no_answer_and_no_amplification() {
     let vhost = TempVhost::new("inflight-hostile");
@@ -262,6 +262,28 @@ async fn hostile_requests_get_no_answer_and_no_amplification() {
     publish(&channel, b"{}", request(victim)).await;
     publish(&channel, b"not json", request(DIRECT_REPLY_TO)).await;
     publish(&channel, &vec![b' '; 100_000], request(DIRECT_REPLY_TO)).await;
+    publish(&channel, b"{}", request(DIRECT_REPLY_TO)).await;
+    // The worker takes requests in order: once the good one is answered, the three before it
+    // were seen (and ignored).
+    let first = tokio::time::timeout(Duration::from_secs(30), answers.next())
+        .await
+        .expect("the well-formed request is answered")
+        .expect("an answer")
+        .expect("an answer");
+    let answer: Value = serde_json::from_slice(&first.data).expect("JSON");
+    assert_eq!(answer["jobs"], json!([]), "{answer}");
+    assert_eq!(
+        ready_count(&channel, victim).await,
+        0,
+        "a reply_to naming a queue gets nothing"
+    );
+    let second = tokio::time::timeout(Duration::from_secs(2), answers.next()).await;
+    assert!(
+        second.is_err(),
+        "a second answer: only one request was well formed"
+    );
+
+    // A flood: at most ANSWERS_PER_SECOND answers a second.
     let flood = 60;
     for _ in 0..flood {
         publish(&channel, b"{}", request(DIRECT_REPLY_TO)).await;
@@ -277,11 +299,6 @@ async fn hostile_requests_get_no_answer_and_no_amplification() {
     assert!(
         answered <= ANSWERS_PER_SECOND as usize * seconds && answered < flood,
         "{answered} answers to {flood} requests in about {seconds} s"
-    );
-    assert_eq!(
-        ready_count(&channel, victim).await,
-        0,
-        "a reply_to naming a queue gets nothing"
     );
     // Still answering.
     inflight_until(&dispatcher, None, |f| f.workers.len() == 1).await;
