@@ -463,6 +463,15 @@ fn send_reply<'a>(
             return;
         };
         let id = text(delivery.properties.message_id()).to_owned();
+        if *shared.blocked.borrow() {
+            // A resource alarm: the reply would wait for it, and the ack with it.
+            tracing::warn!(
+                job = %id,
+                "RabbitMQ blocks publishing (a resource alarm): the outcome is not sent to the \
+                 waiting producer"
+            );
+            return;
+        }
         let (body, properties) = reply::Reply {
             id,
             attempts,
