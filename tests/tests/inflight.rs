@@ -309,6 +309,83 @@ async fn hostile_requests_get_no_answer_and_no_amplification() {
     dispatcher.close().await;
 }
 
+/// Given the topology applied and a worker running as a user with the worker permissions of
+/// `config/definitions.json` (in a vhost of the test's own), when a user with the dispatcher's
+/// permissions asks, then the worker answers: the file grants what the control queue, the
+/// request and the direct reply-to answer need.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_runtime_users_of_the_definitions_ask_and_answer() {
+    let vhost = TempVhost::new("inflight-perm");
+    let queue = "demo";
+    let admin = dispatcher(&vhost_config(&vhost, &[queue])).await;
+    admin.close().await;
+    let worker_user = RuntimeUser::new(&vhost, "worker");
+    let dispatcher_user = RuntimeUser::new(&vhost, "dispatcher");
+
+    let mut config = vhost_config(&vhost, &[queue]);
+    config.broker.url = worker_user.url(&vhost);
+    let worker = start_worker(&config, Registry::new(), &[queue]);
+    let mut config = vhost_config(&vhost, &[]);
+    config.broker.url = dispatcher_user.url(&vhost);
+    let asking = Dispatcher::connect(&config).await.expect("connects");
+
+    let found = inflight_until(&asking, None, |f| f.workers.len() == 1).await;
+    assert!(found.jobs.is_empty(), "{found:#?}");
+    assert!(worker.is_running());
+    worker.stop().await;
+    asking.close().await;
+}
+
+/// A user of the test's own with the permissions `config/definitions.json` gives
+/// `warren-<role>` on `/`, on the test's vhost; deleted when dropped.
+struct RuntimeUser {
+    name: String,
+    password: String,
+}
+
+impl RuntimeUser {
+    fn new(vhost: &TempVhost, role: &str) -> RuntimeUser {
+        let path = workspace_root().join("config/definitions.json");
+        let definitions: Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("definitions.json"))
+                .expect("JSON");
+        let defined = format!("warren-{role}");
+        let permission = definitions["permissions"]
+            .as_array()
+            .and_then(|all| all.iter().find(|p| p["user"] == defined.as_str()))
+            .unwrap_or_else(|| panic!("no permissions for {defined}"));
+        let field = |key: &str| permission[key].as_str().expect("a pattern").to_owned();
+        let name = format!("{}-{role}", vhost.name);
+        let password = uuid::Uuid::now_v7().simple().to_string();
+        broker_ctl(&["add_user", &name, &password]);
+        broker_ctl(&[
+            "set_permissions",
+            "-p",
+            &vhost.name,
+            &name,
+            &field("configure"),
+            &field("write"),
+            &field("read"),
+        ]);
+        RuntimeUser { name, password }
+    }
+
+    fn url(&self, vhost: &TempVhost) -> String {
+        let base = vhost.url();
+        let (scheme, rest) = base.split_once("://").expect("a URL");
+        let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+        format!("{scheme}://{}:{}@{host}", self.name, self.password)
+    }
+}
+
+impl Drop for RuntimeUser {
+    fn drop(&mut self) {
+        let _ = Command::new(workspace_root().join("scripts/broker"))
+            .args(["ctl", "delete_user", &self.name])
+            .output();
+    }
+}
+
 async fn publish(channel: &Channel, body: &[u8], properties: BasicProperties) {
     channel
         .basic_publish(
