@@ -63,10 +63,15 @@ pub enum DlqError {
         source: lapin::Error,
     },
     #[error(
-        "queue `{0}` does not exist on the broker (is its work queue declared? \
-         `warren topology apply --queue <work queue>`)"
+        "queue `{dead}` does not exist on the broker (is `{work}` a Warren work queue? \
+         `warren topology apply --queue {work}` declares it)"
     )]
-    NoQueue(String),
+    NoQueue { dead: String, work: String },
+    #[error(
+        "`{given}` is a dead-letter queue: name its work queue, `{work}` (its dead letters are \
+         read from `{given}`)"
+    )]
+    DeadName { given: String, work: String },
     #[error("reading queue `{queue}`: no answer within {timeout:?}")]
     Timeout { queue: String, timeout: Duration },
     #[error("settling a message of `{queue}`: {source}")]
@@ -457,9 +462,12 @@ pub async fn replay(
     let result = replay.run(&mut pass, &mut progress).await;
     let mut summary = replay.summary;
     summary.remaining = pass.remaining();
+    let read = pass.read;
     pass.finish().await;
     match result {
         Ok(()) => Ok(summary),
+        // Stopped before anything was read: nothing to tell but the error.
+        Err(source) if read == 0 => Err(source),
         Err(source) => Err(DlqError::Interrupted {
             summary: Box::new(summary),
             source: Box::new(source),
@@ -624,6 +632,8 @@ struct Pass {
     publisher: Option<Channel>,
     /// `<queue>.dead`.
     dead: ShortString,
+    /// `<queue>`.
+    work: String,
     timeout: Duration,
     /// The most messages this pass reads: the depth when it began (from the first
     /// `basic.get-ok`); `None` before the first read.
@@ -648,6 +658,14 @@ impl Pass {
     /// Opens the reader channels (and a confirm-mode channel if the pass publishes) for work
     /// queue `queue`'s dead letters.
     async fn open(dispatcher: &Dispatcher, queue: &str, confirms: bool) -> Result<Pass, DlqError> {
+        if let Some(work) = queue.strip_suffix(topology::DEAD_SUFFIX)
+            && topology::validate_queue_name(work).is_ok()
+        {
+            return Err(DlqError::DeadName {
+                given: queue.to_owned(),
+                work: work.to_owned(),
+            });
+        }
         topology::validate_queue_name(queue)?;
         let dead = topology::short(&topology::dead_queue(queue))?;
         let timeout = dispatcher.config().broker.operation_timeout;
@@ -678,6 +696,7 @@ impl Pass {
             readers,
             publisher,
             dead,
+            work: queue.to_owned(),
             timeout,
             bound: None,
             asked: 0,
@@ -728,7 +747,7 @@ impl Pass {
                 break;
             };
             let channel = self.readers[reader].clone();
-            let (queue, timeout) = (self.dead.clone(), self.timeout);
+            let (queue, work, timeout) = (self.dead.clone(), self.work.clone(), self.timeout);
             self.asked += 1;
             self.gets.push(Box::pin(async move {
                 let get = channel.basic_get(queue.clone(), BasicGetOptions { no_ack: false });
@@ -737,9 +756,10 @@ impl Pass {
                         queue: queue.to_string(),
                         timeout,
                     }),
-                    Ok(Err(source)) if is_not_found(&source) => {
-                        Err(DlqError::NoQueue(queue.to_string()))
-                    }
+                    Ok(Err(source)) if is_not_found(&source) => Err(DlqError::NoQueue {
+                        dead: queue.to_string(),
+                        work,
+                    }),
                     Ok(Err(source)) => Err(DlqError::Read {
                         queue: queue.to_string(),
                         source,
