@@ -43,6 +43,7 @@ const EXIT_USAGE: u8 = 2;
                   after its last attempt, 2 usage, 3 timeout (the job is not cancelled)."
 )]
 pub struct Args {
+    /// The work queue.
     #[arg(long)]
     queue: String,
     /// Job kind (required unless --file is given).
