@@ -196,12 +196,16 @@ async fn list(dispatcher: &Dispatcher, args: ListArgs) -> anyhow::Result<ExitCod
     written
         .and_then(|()| out.flush())
         .context("writing to stdout")?;
-    eprintln!(
-        "{} dead letter(s) listed; `{}` held {} when read",
-        summary.listed,
-        dead_queue(&args.queue),
-        summary.total
-    );
+    if summary.read == 0 && args.limit == Some(0) {
+        eprintln!("0 dead letter(s) listed (--limit 0)");
+    } else {
+        eprintln!(
+            "{} dead letter(s) listed; `{}` held {} when read",
+            summary.listed,
+            dead_queue(&args.queue),
+            summary.total
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
