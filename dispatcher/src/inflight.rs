@@ -10,7 +10,7 @@
 //! in the result; with no worker at all the result is empty, not an error.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use futures::StreamExt;
 use lapin::Channel;
@@ -46,6 +46,8 @@ pub struct InflightJob {
     pub worker: WorkerInfo,
     #[serde(flatten)]
     pub job: RunningJob,
+    /// When its handler started (`started_at_ms`, the worker's clock), RFC 3339.
+    pub started_at: String,
     /// Running past its queue's `job_timeout` ([`RunningJob::overdue`]).
     pub overdue: bool,
 }
@@ -167,8 +169,10 @@ fn collect(answers: impl Iterator<Item = Answer>, queue: Option<&str>, ignored: 
             if queue.is_some_and(|q| job.queue != q) {
                 continue;
             }
+            let started = UNIX_EPOCH + Duration::from_millis(job.started_at_ms);
             result.jobs.push(InflightJob {
                 worker: answer.worker.clone(),
+                started_at: humantime::format_rfc3339_millis(started).to_string(),
                 overdue: job.overdue(),
                 job,
             });

@@ -173,6 +173,12 @@ async fn a_running_job_is_shown_and_an_overdue_one_is_flagged() {
     assert_eq!(jobs[0]["kind"], "block");
     assert_eq!(jobs[0]["attempt"], 1);
     assert_eq!(jobs[0]["overdue"], true);
+    assert!(
+        jobs[0]["started_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{parsed}"
+    );
     assert_eq!(jobs[0]["worker"]["pid"], std::process::id());
     let table = run_warren(&vhost, &["inflight"]);
     let row = |id: &str| {
