@@ -7,7 +7,10 @@
 //! - body: the job's JSON payload, byte for byte as submitted;
 //! - properties: `message_id` = job id, `type` = job kind, `content_type` =
 //!   `application/json`, `delivery_mode` = 2 (persistent), `timestamp` (when it was submitted),
-//!   `app_id`;
+//!   `app_id`; when asked, `priority` and `reply_to` (with `correlation_id` = job id, for
+//!   [`crate::reply`]);
+//! - route: exchange `warren.jobs`, key = the queue; a delayed job goes to the top delay level
+//!   with the delay written into its key ([`crate::delay`], [`Message::exchange`]);
 //! - headers: none on a new job (no [`ATTEMPT`] header means attempt 1). A retry carries
 //!   [`ATTEMPT`]; a dead-lettered job also carries the [`DeadLetter`] headers; a job replayed
 //!   from its dead-letter queue carries [`REPLAYED`] and [`REPLAYED_AT`]
