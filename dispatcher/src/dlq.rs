@@ -194,7 +194,7 @@ impl DeadRecord {
             envelope::header_str(properties, key).map(|s| envelope::capped(&s, limit).into_owned())
         };
         let (class, reason, failed_at, attempts) = match death {
-            Some(death) => broker_death(headers, &death),
+            Some(death) => broker_death(headers, death),
             None => (
                 header_text(envelope::ERROR_CLASS, MAX_SHORT_TEXT),
                 header_text(envelope::ERROR, envelope::MAX_ERROR_BYTES),
@@ -983,10 +983,11 @@ fn runnable(delivery: &Delivery, max_payload: usize) -> Result<(), String> {
 }
 
 /// The most recent entry of `x-death`, if the broker dead-lettered the message.
-fn latest_death(headers: &FieldTable) -> Option<FieldTable> {
+/// Borrowed, never cloned: a hostile table can be nested thousands deep, and a clone recurses.
+fn latest_death(headers: &FieldTable) -> Option<&FieldTable> {
     match headers.inner().get("x-death")? {
         AMQPValue::FieldArray(deaths) => match deaths.as_slice().first()? {
-            AMQPValue::FieldTable(death) => Some(death.clone()),
+            AMQPValue::FieldTable(death) => Some(death),
             _ => None,
         },
         _ => None,
@@ -1266,17 +1267,31 @@ mod tests {
 
     #[test]
     fn hostile_headers_become_bounded_json() {
-        let mut nested = AMQPValue::LongString(LongString::from("bottom"));
-        for _ in 0..100 {
-            nested = AMQPValue::FieldArray(FieldArray::from(vec![nested]));
-        }
+        // Deep enough to show the cap (building and dropping it recurses in the test itself).
+        let deep = || {
+            let mut nested = AMQPValue::LongString(LongString::from("bottom"));
+            for _ in 0..300 {
+                nested = AMQPValue::FieldArray(FieldArray::from(vec![nested]));
+            }
+            nested
+        };
+        let mut death = FieldTable::default();
+        death.insert("reason".into(), text("rejected"));
+        death.insert("deep".into(), deep());
         let props = with_headers(vec![
-            ("deep", nested),
+            ("deep", deep()),
+            (
+                "x-death",
+                AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+            ),
             (envelope::ERROR_CLASS, text(&"c".repeat(10_000))),
             ("nan", AMQPValue::Double(f64::NAN)),
             ("when", AMQPValue::Timestamp(u64::MAX)),
         ]);
         let record = DeadRecord::read(&props, &[0xff; 1000]);
+        assert_eq!(record.class.as_deref(), Some("rejected"));
+        let long_class = with_headers(vec![(envelope::ERROR_CLASS, text(&"c".repeat(10_000)))]);
+        let record = DeadRecord::read(&long_class, &[0xff; 1000]);
         assert!(
             record
                 .class
