@@ -100,7 +100,9 @@ impl Request {
                 kind.map(|k| k.chars().take(64).collect()),
             ));
         }
-        let reply_to = crate::reply::reply_address(properties).ok_or(RequestError::ReplyTo)?;
+        // The whole shape, not just the prefix: RabbitMQ 3.x would crash the answering channel on
+        // a forged address ([`crate::reply::answerable_address`]).
+        let reply_to = crate::reply::answerable_address(properties).ok_or(RequestError::ReplyTo)?;
         if body.len() > MAX_REQUEST_BYTES {
             return Err(RequestError::TooLarge(body.len()));
         }
@@ -276,7 +278,9 @@ mod tests {
 
     #[test]
     fn only_well_formed_requests_to_direct_reply_to_addresses_are_answered() {
-        let address = "amq.rabbitmq.reply-to.g1h2AA5yZXBseUAy.cYzz4F8o/YBxcoTwnEEQSQ==";
+        // As RabbitMQ 4.3.6 wrote it.
+        let address = "amq.rabbitmq.reply-to.g1h2AA5yZXBseUAyOTgzNDU5NgAAeTgAAAAAaw1GGQ==.\
+                       cYzz4F8o/YBxcoTwnEEQSQ==";
         let got = Request::decode(&request_properties(address), br#"{"queue":"emails"}"#)
             .expect("well-formed");
         assert_eq!(got.request.queue.as_deref(), Some("emails"));
@@ -289,6 +293,7 @@ mod tests {
             "amq.rabbitmq.reply-to",
             "amq.rabbitmq.reply-to.",
             "x.amq",
+            "amq.rabbitmq.reply-to.AAAA.BBBB",
         ] {
             assert_eq!(
                 Request::decode(&request_properties(hostile), b"{}"),
