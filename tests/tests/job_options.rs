@@ -249,7 +249,7 @@ async fn a_priority_on_a_queue_without_priorities_is_refused() {
 
 /// Given a worker whose `echo` returns its payload, when `warren submit --wait` submits one,
 /// then it exits 0 and prints the handler's JSON result on stdout; with `--json`, the whole
-/// outcome.
+/// outcome; `Dispatcher::submit_and_wait` returns the same.
 #[tokio::test]
 async fn wait_prints_the_result_and_exits_0() {
     let stage = Stage::new("wait-done", waiting_registry(&Recorder::new())).await;
@@ -284,6 +284,21 @@ async fn wait_prints_the_result_and_exits_0() {
     assert_eq!(outcome["result"], json!([1]));
     assert_eq!(outcome["id"], "wait-json-1");
     assert_eq!(outcome["attempts"], 1);
+
+    // The library call the command uses.
+    let job = NewJob::new(&stage.queue, "echo", &json!({ "library": true }));
+    let reply = stage
+        .dispatcher
+        .submit_and_wait(job, Duration::from_secs(20))
+        .await
+        .expect("an outcome");
+    assert_eq!(
+        reply.outcome,
+        warren_core::reply::Outcome::Done {
+            result: json!({ "library": true }),
+            result_omitted: None
+        }
+    );
     stage.end().await;
 }
 
