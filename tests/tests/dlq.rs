@@ -624,6 +624,57 @@ async fn export_then_submit_file_round_trips() {
     stage.end().await;
 }
 
+/// Given a dead letter whose header table is nested 20,000 deep (what a hostile producer can
+/// send; the broker keeps it through its own dead-lettering), when it is listed, shown and
+/// replayed, then each works: `show` cuts the nesting short, and the replayed copy carries none
+/// of it.
+#[tokio::test]
+async fn a_hostile_dead_letter_is_listed_shown_and_replayed() {
+    let (_failing, registry) = Failing::registry();
+    let mut stage = Stage::new("dlq-hostile", registry).await;
+    stage.stop_worker().await;
+    let dead = topology::dead_queue(&stage.queue);
+    let headers = raw_amqp::deep_headers(20_000);
+    let message = raw_amqp::RawMessage::job(&dead, "deep-1", "job", &headers, br#"{"n":1}"#);
+    raw_amqp::publish_once(&broker_url(), &message)
+        .await
+        .expect("RabbitMQ takes the deep header");
+    wait_dead(&stage, 1).await;
+
+    assert_eq!(
+        dead_ids(&stage).await,
+        once_each(&["deep-1".to_owned()].into())
+    );
+    let job = dlq::show(&stage.dispatcher, &stage.queue, "deep-1")
+        .await
+        .expect("show")
+        .expect("found");
+    let shown = serde_json::to_string(&job.headers).expect("JSON");
+    assert!(
+        shown.contains("nested deeper"),
+        "{}",
+        &shown[..shown.len().min(200)]
+    );
+    let summary = dlq::replay(
+        &stage.dispatcher,
+        &stage.queue,
+        &ReplayOptions::default(),
+        |_| {},
+    )
+    .await
+    .expect("replay");
+    assert_eq!((summary.moved, summary.remaining), (1, 0));
+    let copies = take_messages(&stage.channel, &stage.queue, 1, DEADLINE).await;
+    let headers = copies[0].properties.headers().clone().unwrap_or_default();
+    let kept: BTreeSet<&str> = headers.inner().keys().map(|k| k.as_str()).collect();
+    assert_eq!(
+        kept,
+        [envelope::REPLAYED, envelope::REPLAYED_AT].into(),
+        "only the replay marker"
+    );
+    stage.end().await;
+}
+
 /// A channel in confirm mode.
 async fn confirm_channel() -> lapin::Channel {
     let channel = connect().await.create_channel().await.expect("channel");
