@@ -658,7 +658,7 @@ pub fn header_int(properties: &BasicProperties, key: &str) -> Option<i64> {
 }
 
 /// An AMQP integer of any width, as i64.
-fn integer(value: &AMQPValue) -> Option<i64> {
+pub fn integer(value: &AMQPValue) -> Option<i64> {
     match value {
         AMQPValue::ShortShortInt(n) => Some(i64::from(*n)),
         AMQPValue::ShortShortUInt(n) => Some(i64::from(*n)),

@@ -1038,7 +1038,7 @@ fn broker_death(
     // something (absent: the first attempt never ended).
     let attempts = headers
         .and_then(|h| h.inner().get(envelope::ATTEMPT))
-        .and_then(integer);
+        .and_then(envelope::integer);
     (Some(class), Some(reason), failed_at, attempts)
 }
 
@@ -1130,7 +1130,7 @@ fn amqp_json(value: &AMQPValue, depth: usize) -> Value {
             serde_json::json!({ "bytes_hex": hex })
         }
         AMQPValue::Void => Value::Null,
-        other => integer(other).map_or(Value::Null, Value::from),
+        other => envelope::integer(other).map_or(Value::Null, Value::from),
     }
 }
 
@@ -1147,20 +1147,6 @@ fn timestamp_json(seconds: u64) -> Value {
         }
         // Past year 9999: RFC 3339 cannot say it; the number itself.
         _ => Value::from(seconds),
-    }
-}
-
-/// An AMQP integer of any width.
-fn integer(value: &AMQPValue) -> Option<i64> {
-    match value {
-        AMQPValue::ShortShortInt(n) => Some(i64::from(*n)),
-        AMQPValue::ShortShortUInt(n) => Some(i64::from(*n)),
-        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
-        AMQPValue::ShortUInt(n) => Some(i64::from(*n)),
-        AMQPValue::LongInt(n) => Some(i64::from(*n)),
-        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
-        AMQPValue::LongLongInt(n) => Some(*n),
-        _ => None,
     }
 }
 
