@@ -518,6 +518,9 @@ pub struct PeekArgs {
     queue: String,
     #[arg(long, default_value_t = 10)]
     count: usize,
+    /// One JSON object per message: id, kind, attempts, class, error, payload (as text).
+    #[arg(long)]
+    json: bool,
 }
 
 /// `warren peek --queue Q`: shows up to `count` messages of a queue without removing them
@@ -526,6 +529,21 @@ pub async fn peek(dispatcher: &Dispatcher, args: PeekArgs) -> anyhow::Result<Exi
     let messages = dlq::peek(dispatcher, &args.queue, args.count).await?;
     for message in &messages {
         let props = &message.properties;
+        if args.json {
+            let text = |v: &Option<lapin::types::ShortString>| v.as_ref().map(|s| s.to_string());
+            let header = |key: &str| envelope::header_str(props, key).map(|s| s.into_owned());
+            let line = serde_json::json!({
+                "id": text(props.message_id()),
+                "kind": text(props.kind()),
+                "attempts": envelope::header_int(props, envelope::ATTEMPTS)
+                    .or_else(|| envelope::header_int(props, envelope::ATTEMPT)),
+                "class": header(envelope::ERROR_CLASS),
+                "error": header(envelope::ERROR),
+                "payload": String::from_utf8_lossy(&message.data),
+            });
+            println!("{line}");
+            continue;
+        }
         // Everything shown comes from whoever published the message: escaped, so that no
         // control character (a terminal escape sequence, a carriage return) reaches the terminal.
         let text = |v: &Option<lapin::types::ShortString>| {
@@ -544,7 +562,7 @@ pub async fn peek(dispatcher: &Dispatcher, args: PeekArgs) -> anyhow::Result<Exi
             body = printable(&String::from_utf8_lossy(&message.data)),
         );
     }
-    if messages.is_empty() {
+    if messages.is_empty() && !args.json {
         println!("(queue `{}` is empty)", args.queue);
     }
     Ok(ExitCode::SUCCESS)

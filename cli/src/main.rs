@@ -49,11 +49,18 @@ struct Args {
 enum Command {
     Submit(submit::Args),
     Status(status::Args),
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  warren dlq list emails\n  warren dlq replay emails --all --rate 50/s\n  \
+                      warren dlq purge emails --older-than 7d --yes"
+    )]
     Dlq(dlq::Command),
     Inflight(inflight::Args),
     Doctor(doctor::Args),
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  warren topology apply --queue emails\n  warren topology migrate"
+    )]
     Topology(topology::Command),
     Peek(dlq::PeekArgs),
     #[command(subcommand)]

@@ -480,12 +480,60 @@ async fn peek_escapes_control_characters_from_the_message() {
         "{:?}",
         run.stdout
     );
+    let json = Warren::new(&["peek", "--queue", &queue, "--json"])
+        .run_async()
+        .await;
+    json.assert_success();
+    assert!(
+        !json.stdout.chars().any(|c| c.is_control() && c != '\n'),
+        "stdout: {:?}",
+        json.stdout
+    );
+    let line: serde_json::Value = serde_json::from_str(json.stdout.trim()).expect("one JSON line");
+    assert_eq!(line["id"], "id\u{1b}[31m", "the id itself, JSON-escaped");
+    assert_eq!(line["error"], "boom\u{1b}]0;pwned\u{7}");
     assert_eq!(
         ready_count_eventually(&channel, &queue, 1).await,
         1,
         "peek leaves it there"
     );
     cleanup(&channel, &[&queue]).await;
+}
+
+/// Every subcommand's `--help` ends with an example of its use.
+#[test]
+fn every_subcommand_help_shows_an_example() {
+    let commands: &[&[&str]] = &[
+        &["submit"],
+        &["status"],
+        &["dlq"],
+        &["dlq", "list"],
+        &["dlq", "show"],
+        &["dlq", "replay"],
+        &["dlq", "purge"],
+        &["dlq", "export"],
+        &["inflight"],
+        &["doctor"],
+        &["topology"],
+        &["topology", "apply"],
+        &["topology", "migrate"],
+        &["peek"],
+        &["config"],
+        &["config", "show"],
+        &["completions"],
+    ];
+    for command in commands {
+        let mut args = command.to_vec();
+        args.push("--help");
+        let run = Warren::new(&args).run();
+        run.assert_success();
+        assert!(
+            run.stdout.contains("Example"),
+            "`warren {}` has no example: {}",
+            command.join(" "),
+            run.stdout
+        );
+    }
 }
 
 /// The ready count of `queue` once it is `want`, or what it is after 10 s.
