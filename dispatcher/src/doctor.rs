@@ -720,7 +720,7 @@ async fn queue_checks(config: &Config, management: &Management, queues: &[String
             check.judged(
                 &problems,
                 &format!(
-                    "{queue_type} queue with Warren's arguments and bindings ({} message(s))",
+                    "{queue_type} queue with Warren's arguments and bindings ({} message(s) as last sampled)",
                     info.messages.unwrap_or(0)
                 ),
                 &migrate,
