@@ -452,6 +452,7 @@ pub fn connections_named<'a>(listing: &'a str, name_contains: &str) -> Vec<&'a s
         .collect()
 }
 
+pub mod cli;
 pub mod fault;
 pub mod procs;
 pub mod raw_amqp;

@@ -6,11 +6,10 @@
 //! leaks in. Each run has a deadline; a hung command is killed and fails the test.
 
 use std::collections::HashSet;
-use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use warren_tests::cli::Warren;
 use warren_tests::*;
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -420,13 +419,6 @@ async fn submit_file_dash_reads_stdin() {
     cleanup(&channel, &[&queue]).await;
 }
 
-/// One run of the `warren` binary.
-struct Warren {
-    args: Vec<String>,
-    env: Vec<(String, String)>,
-    stdin: Option<Vec<u8>>,
-}
-
 /// Given a message from a hostile producer whose id, error header and body hold terminal escape
 /// sequences, when `warren peek` shows it, then nothing it prints holds a control character:
 /// each is shown escaped (`\u{1b}`), and the message stays in the queue.
@@ -546,148 +538,6 @@ async fn ready_count_eventually(channel: &lapin::Channel, queue: &str, want: u32
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// What a run printed and how it ended.
-#[derive(Debug)]
-struct Run {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-    took: Duration,
-}
-
-impl Warren {
-    fn new(args: &[&str]) -> Warren {
-        Warren {
-            args: args.iter().map(|s| (*s).to_owned()).collect(),
-            env: Vec::new(),
-            stdin: None,
-        }
-    }
-
-    fn arg(mut self, arg: &str) -> Warren {
-        self.args.push(arg.to_owned());
-        self
-    }
-
-    fn env(mut self, key: &str, value: impl AsRef<std::ffi::OsStr>) -> Warren {
-        let value = value.as_ref().to_string_lossy().into_owned();
-        self.env.push((key.to_owned(), value));
-        self
-    }
-
-    fn stdin(mut self, bytes: &[u8]) -> Warren {
-        self.stdin = Some(bytes.to_vec());
-        self
-    }
-
-    /// Runs the command on a blocking thread, for async tests.
-    async fn run_async(self) -> Run {
-        tokio::task::spawn_blocking(move || self.run())
-            .await
-            .expect("the warren run did not panic")
-    }
-
-    /// Runs the command to its end; kills it and panics after [`DEADLINE`].
-    fn run(self) -> Run {
-        let mut command = Command::new(binary("warren"));
-        command
-            .args(&self.args)
-            .current_dir(std::env::temp_dir())
-            .env(warren_core::config::AMQP_URL_ENV, broker_url())
-            .env_remove(warren_core::config::CONFIG_ENV)
-            .env("NO_COLOR", "1")
-            .stdin(if self.stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (key, value) in &self.env {
-            command.env(key, value);
-        }
-        let started = Instant::now();
-        let mut child = command.spawn().expect("starting warren");
-        if let (Some(bytes), Some(mut pipe)) = (self.stdin, child.stdin.take()) {
-            std::thread::spawn(move || {
-                let _ = pipe.write_all(&bytes);
-            });
-        }
-        let stdout = read_in_background(child.stdout.take());
-        let stderr = read_in_background(child.stderr.take());
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("checking the warren process") {
-                break status;
-            }
-            if started.elapsed() > DEADLINE {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "`warren {}` did not exit within {DEADLINE:?}",
-                    self.args.join(" ")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let took = started.elapsed();
-        let stdout = stdout.join().expect("stdout reader");
-        let stderr = stderr.join().expect("stderr reader");
-        Run {
-            status,
-            stdout,
-            stderr,
-            took,
-        }
-    }
-}
-
-impl Run {
-    fn assert_success(&self) {
-        assert!(
-            self.status.success(),
-            "expected exit 0, got {}\nstdout: {}\nstderr: {}",
-            self.status,
-            self.stdout,
-            self.stderr
-        );
-    }
-
-    fn assert_failure(&self) {
-        assert!(
-            !self.status.success() && self.status.code().is_some(),
-            "expected a non-zero exit code, got {}\nstdout: {}\nstderr: {}",
-            self.status,
-            self.stdout,
-            self.stderr
-        );
-    }
-
-    /// Asserts exit 0 and exactly one non-empty line on stdout; returns it (the job id).
-    fn single_id(&self) -> String {
-        self.assert_success();
-        let lines: Vec<&str> = self.stdout.lines().collect();
-        assert_eq!(lines.len(), 1, "one id line on stdout: {:?}", self.stdout);
-        let id = lines[0].trim();
-        assert!(
-            !id.is_empty() && !id.contains(char::is_whitespace),
-            "an id: {id:?}"
-        );
-        id.to_owned()
-    }
-}
-
-fn read_in_background<R: Read + Send + 'static>(
-    pipe: Option<R>,
-) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut text = String::new();
-        if let Some(mut pipe) = pipe {
-            let _ = pipe.read_to_string(&mut text);
-        }
-        text
-    })
 }
 
 /// A temporary directory removed when dropped.

@@ -22,6 +22,7 @@ use serde_json::{Value, json};
 use warren_core::envelope::{self, DeadLetter, DeadReason, NewJob};
 use warren_core::topology;
 use warren_dispatcher::dlq::{self, Filter, ReplayOptions};
+use warren_tests::cli::{Run, Warren};
 use warren_tests::*;
 use warren_workers::{JobContext, JobError, Registry};
 
@@ -732,85 +733,10 @@ async fn publish_dead(
     assert!(confirm.is_ack() && confirm.take_message().is_none());
 }
 
-/// What a `warren` run printed and how it ended.
-struct Run {
-    status: std::process::ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn assert_success(&self) {
-        assert!(
-            self.status.success(),
-            "expected exit 0, got {}\nstdout: {}\nstderr: {}",
-            self.status,
-            self.stdout,
-            self.stderr
-        );
-    }
-}
-
 /// Runs `warren args` on the test broker (no config file, stdin not a terminal) to its end;
 /// panics if it takes over [`DEADLINE`].
 async fn warren(args: &[&str]) -> Run {
-    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
-    tokio::task::spawn_blocking(move || {
-        let mut child = Command::new(binary("warren"))
-            .args(&args)
-            .current_dir(std::env::temp_dir())
-            .env(warren_core::config::AMQP_URL_ENV, broker_url())
-            .env_remove(warren_core::config::CONFIG_ENV)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting warren");
-        let read = |pipe: Option<Box<dyn Read + Send>>| {
-            std::thread::spawn(move || {
-                let mut text = String::new();
-                if let Some(mut pipe) = pipe {
-                    let _ = pipe.read_to_string(&mut text);
-                }
-                text
-            })
-        };
-        let stdout = read(
-            child
-                .stdout
-                .take()
-                .map(|p| Box::new(p) as Box<dyn Read + Send>),
-        );
-        let stderr = read(
-            child
-                .stderr
-                .take()
-                .map(|p| Box::new(p) as Box<dyn Read + Send>),
-        );
-        let started = Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("polling warren") {
-                break status;
-            }
-            if started.elapsed() > DEADLINE {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "`warren {}` did not exit within {DEADLINE:?}",
-                    args.join(" ")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        Run {
-            status,
-            stdout: stdout.join().expect("stdout reader"),
-            stderr: stderr.join().expect("stderr reader"),
-        }
-    })
-    .await
-    .expect("the warren run did not panic")
+    Warren::new(args).deadline(DEADLINE).run_async().await
 }
 
 /// `headers` without the delivery counts a broker stamps on a message's *first* delivery
