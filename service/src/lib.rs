@@ -1,0 +1,3 @@
+//! # warren-service
+//!
+//! Warren's HTTP API (`warren serve`).
