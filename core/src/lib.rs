@@ -29,6 +29,8 @@ pub mod connection;
 pub mod delay;
 pub mod envelope;
 pub mod inflight;
+pub mod metrics;
+pub mod probes;
 pub mod publish;
 pub mod reply;
 pub mod secret;
