@@ -136,9 +136,9 @@ fn broker_config_files_it_mounts_exist() {
     }
 }
 
-/// Given the compose file, then every published port is bound to 127.0.0.1 (AMQP, management
-/// and Prometheus are reachable from this machine only; the services talk over the compose
-/// network).
+/// Given the compose file, then every published port is bound to 127.0.0.1 (AMQP, management,
+/// RabbitMQ's metrics, the HTTP API, Prometheus and Grafana are reachable from this machine
+/// only; the services talk over the compose network).
 #[test]
 fn published_ports_are_bound_to_the_loopback_interface() {
     let compose = compose_file();
@@ -165,8 +165,9 @@ fn published_ports_are_bound_to_the_loopback_interface() {
         }
     }
     assert_eq!(
-        published, 3,
-        "expected the broker's AMQP, management and Prometheus ports"
+        published, 6,
+        "expected the broker's AMQP, management and Prometheus ports, `warren serve`'s HTTP \
+         port, Prometheus's UI and Grafana"
     );
 }
 
@@ -198,6 +199,7 @@ fn credentials_come_from_the_environment_and_guest_is_never_used() {
         ("topology", "WARREN_ADMIN"),
         ("worker", "WARREN_WORKER"),
         ("dispatcher-demo", "WARREN_DISPATCHER"),
+        ("serve", "WARREN_DISPATCHER"),
     ] {
         let url = env(service, "WARREN_AMQP_URL");
         let expected = format!("amqp://${{{user}_USER:-");
@@ -213,6 +215,11 @@ fn credentials_come_from_the_environment_and_guest_is_never_used() {
             "{key}"
         );
     }
+    // `warren serve`'s admin token and Grafana's admin password: required, from the environment.
+    assert!(env("serve", "WARREN_HTTP_TOKEN").starts_with("${WARREN_HTTP_TOKEN:?"));
+    assert!(
+        env("grafana", "GF_SECURITY_ADMIN_PASSWORD").starts_with("${WARREN_GRAFANA_PASSWORD:?")
+    );
 }
 
 /// Given `config/rabbitmq-users.sh`, which makes compose's runtime users, then it gives them
