@@ -31,9 +31,16 @@ pub const TLS_SERVER_NAME_ENV: &str = "WARREN_TLS_SERVER_NAME";
 /// Environment variable that overrides `management.url` (the management HTTP API, for
 /// `warren status` and `warren doctor`).
 pub const MANAGEMENT_URL_ENV: &str = "WARREN_MANAGEMENT_URL";
+/// Environment variables that override `[http]` keys (`warren serve`).
+pub const HTTP_LISTEN_ENV: &str = "WARREN_HTTP_LISTEN";
+pub const HTTP_TLS_CERT_FILE_ENV: &str = "WARREN_HTTP_TLS_CERT_FILE";
+pub const HTTP_TLS_KEY_FILE_ENV: &str = "WARREN_HTTP_TLS_KEY_FILE";
+/// Environment variable that adds one `admin` token to `http.tokens` (named `env`), for
+/// containers and quick starts.
+pub const HTTP_TOKEN_ENV: &str = "WARREN_HTTP_TOKEN";
 /// Every environment override: (variable, the key it replaces). An empty variable counts as
 /// unset.
-pub const ENV_OVERRIDES: [(&str, &str); 7] = [
+pub const ENV_OVERRIDES: [(&str, &str); 11] = [
     (AMQP_URL_ENV, "broker.url"),
     (FAILOVER_URLS_ENV, "broker.failover_urls"),
     (TLS_CA_FILE_ENV, "broker.tls.ca_file"),
@@ -41,6 +48,10 @@ pub const ENV_OVERRIDES: [(&str, &str); 7] = [
     (TLS_KEY_FILE_ENV, "broker.tls.key_file"),
     (TLS_SERVER_NAME_ENV, "broker.tls.server_name"),
     (MANAGEMENT_URL_ENV, "management.url"),
+    (HTTP_LISTEN_ENV, "http.listen"),
+    (HTTP_TLS_CERT_FILE_ENV, "http.tls_cert_file"),
+    (HTTP_TLS_KEY_FILE_ENV, "http.tls_key_file"),
+    (HTTP_TOKEN_ENV, "http.tokens"),
 ];
 /// Environment variable naming the config file when no `--config` is given.
 pub const CONFIG_ENV: &str = "WARREN_CONFIG";
@@ -60,6 +71,8 @@ pub struct Config {
     pub worker: WorkerConfig,
     /// `[management]`: the management HTTP API (`warren status`, `warren doctor`).
     pub management: ManagementConfig,
+    /// `[http]`: the HTTP API (`warren serve`).
+    pub http: HttpConfig,
     /// `[queue_defaults]`: the settings of every queue, unless its own section says otherwise.
     pub queue_defaults: QueueConfig,
     /// `[queues.NAME]`: per-queue settings, already merged over `queue_defaults`. A queue that
@@ -85,6 +98,7 @@ struct FileConfig {
     dispatcher: DispatcherConfig,
     worker: WorkerConfig,
     management: ManagementConfig,
+    http: HttpConfig,
     queue_defaults: toml::Table,
     queues: BTreeMap<String, toml::Table>,
 }
@@ -236,6 +250,132 @@ impl std::fmt::Debug for ManagementEndpoint {
 
 /// The management API's port when `management.url` is not given (RabbitMQ's default).
 pub const DEFAULT_MANAGEMENT_PORT: u16 = 15672;
+
+/// `[http]`: the HTTP API that `warren serve` runs (crate `warren-service`). Every key is
+/// optional; without a token no request gets past authentication.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// The address to listen on (`127.0.0.1:8080`, `[::]:8080`); `warren serve --listen`
+    /// overrides it. `$WARREN_HTTP_LISTEN` too.
+    pub listen: Option<String>,
+    /// The bearer tokens that may call the API, each with a scope. `$WARREN_HTTP_TOKEN` adds
+    /// one `admin` token named `env`. Never shown (see `Debug` of [`HttpToken`]).
+    pub tokens: Vec<HttpToken>,
+    /// The largest request body, in bytes; default `jobs.max_payload_bytes` plus 64 KiB for
+    /// the rest of the request. At least `jobs.max_payload_bytes`.
+    pub body_limit: Option<usize>,
+    /// Requests per second each token may make (a token bucket); 0 (the default): no limit.
+    /// Over it, 429 with `Retry-After`.
+    pub rate_limit: u32,
+    /// How many requests a token may make at once above `rate_limit` (the bucket's size);
+    /// 0 (the default): the same as `rate_limit`.
+    pub rate_burst: u32,
+    /// PEM certificate (chain) for HTTPS; with `tls_key_file`. Without both: plain HTTP
+    /// (terminate TLS in front). `$WARREN_HTTP_TLS_CERT_FILE`.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file` (PKCS#8, PKCS#1 or SEC1). `$WARREN_HTTP_TLS_KEY_FILE`.
+    pub tls_key_file: Option<PathBuf>,
+}
+
+/// Room for the rest of a request around the largest payload: [`HttpConfig::body_limit`]'s
+/// default is `jobs.max_payload_bytes` plus this.
+pub const HTTP_ENVELOPE_BYTES: usize = 64 * 1024;
+
+impl HttpConfig {
+    /// The largest request body for payloads of at most `max_payload` bytes.
+    pub fn body_limit(&self, max_payload: usize) -> usize {
+        self.body_limit
+            .unwrap_or_else(|| max_payload.saturating_add(HTTP_ENVELOPE_BYTES))
+    }
+
+    /// On error, the key (within `[http]`) and why.
+    fn validate(&self, max_payload: usize) -> Result<(), (String, String)> {
+        if let Some(listen) = &self.listen
+            && listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err((
+                "listen".into(),
+                format!("`{listen}` is not an address like 127.0.0.1:8080 or [::]:8080"),
+            ));
+        }
+        for (i, token) in self.tokens.iter().enumerate() {
+            if token.token.len() < 16 {
+                return Err((
+                    format!("tokens[{i}].token"),
+                    "must be at least 16 characters (make one with `openssl rand -hex 32`)".into(),
+                ));
+            }
+            if !token.token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err((
+                    format!("tokens[{i}].token"),
+                    "must be visible ASCII characters only (no spaces)".into(),
+                ));
+            }
+        }
+        if let Some(limit) = self.body_limit
+            && limit < max_payload
+        {
+            return Err((
+                "body_limit".into(),
+                format!("must be at least jobs.max_payload_bytes ({max_payload})"),
+            ));
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Err((
+                "tls_cert_file".into(),
+                "and http.tls_key_file go together: set both, or neither".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One bearer token of `[[http.tokens]]`.
+#[derive(Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpToken {
+    /// What the access log calls the token's requests (never the token): default `token-N`,
+    /// its place in the list.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The secret a client sends as `Authorization: Bearer <token>`.
+    pub token: String,
+    /// What the token may do.
+    pub scope: HttpScope,
+}
+
+impl std::fmt::Debug for HttpToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpToken")
+            .field("name", &self.name)
+            .field("token", &crate::secret::MASK)
+            .field("scope", &self.scope)
+            .finish()
+    }
+}
+
+/// What a token may do; each scope includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpScope {
+    /// See queues, dead letters and outcomes (every `GET`).
+    Read,
+    /// Also submit jobs.
+    Submit,
+    /// Also replay and purge dead letters.
+    Admin,
+}
+
+impl HttpScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HttpScope::Read => "read",
+            HttpScope::Submit => "submit",
+            HttpScope::Admin => "admin",
+        }
+    }
+}
 
 /// `[jobs]`: limits that apply to every job.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -470,6 +610,29 @@ impl Config {
             self.management.url = Some(url.trim().to_owned());
             set("management.url", MANAGEMENT_URL_ENV);
         }
+        if let Some(listen) = var(HTTP_LISTEN_ENV) {
+            self.http.listen = Some(listen.trim().to_owned());
+            set("http.listen", HTTP_LISTEN_ENV);
+        }
+        if let Some(path) = var(HTTP_TLS_CERT_FILE_ENV) {
+            self.http.tls_cert_file = Some(PathBuf::from(path));
+            set("http.tls_cert_file", HTTP_TLS_CERT_FILE_ENV);
+        }
+        if let Some(path) = var(HTTP_TLS_KEY_FILE_ENV) {
+            self.http.tls_key_file = Some(PathBuf::from(path));
+            set("http.tls_key_file", HTTP_TLS_KEY_FILE_ENV);
+        }
+        if let Some(token) = var(HTTP_TOKEN_ENV) {
+            self.http
+                .tokens
+                .retain(|t| t.name.as_deref() != Some("env"));
+            self.http.tokens.push(HttpToken {
+                name: Some("env".to_owned()),
+                token: token.trim().to_owned(),
+                scope: HttpScope::Admin,
+            });
+            set("http.tokens", HTTP_TOKEN_ENV);
+        }
     }
 
     /// Where the value of `key` came from: the environment variable that set it, or the
@@ -515,6 +678,7 @@ impl Config {
             dispatcher: file.dispatcher,
             worker: file.worker,
             management: file.management,
+            http: file.http,
             queue_defaults,
             queues,
             source: ConfigSource::Defaults,
@@ -635,6 +799,9 @@ impl Config {
                 ),
             ));
         }
+        self.http
+            .validate(self.jobs.max_payload_bytes)
+            .map_err(|(key, reason)| invalid(format!("http.{key}"), reason))?;
         if self.jobs.max_payload_bytes == 0 {
             return Err(invalid(
                 "jobs.max_payload_bytes".into(),

@@ -34,6 +34,7 @@ pub fn settings(config: &Config) -> Vec<Setting> {
         section("dispatcher", &config.dispatcher),
         section("worker", &config.worker),
         section("management", &config.management),
+        section("http", &config.http),
         section("queue_defaults", &config.queue_defaults),
     ];
     for (name, queue) in &config.queues {
@@ -83,6 +84,9 @@ fn masked(key: &str, value: Value) -> Value {
             _ => Value::String(secret::MASK.to_owned()),
         };
     }
+    if name == "tokens" {
+        return masked_tokens(value);
+    }
     match value {
         Value::String(s) => Value::String(mask_text(&s)),
         Value::Array(items) => Value::Array(
@@ -95,6 +99,28 @@ fn masked(key: &str, value: Value) -> Value {
                 .collect(),
         ),
         other => other,
+    }
+}
+
+/// `http.tokens`: each token's secret replaced by `***`, its name and scope shown.
+fn masked_tokens(value: Value) -> Value {
+    match value {
+        Value::Array(items) => Value::Array(
+            items
+                .into_iter()
+                .map(|item| match item {
+                    Value::Object(mut token) => {
+                        if token.contains_key("token") {
+                            token.insert("token".into(), Value::String(secret::MASK.to_owned()));
+                        }
+                        Value::Object(token)
+                    }
+                    _ => Value::String(secret::MASK.to_owned()),
+                })
+                .collect(),
+        ),
+        Value::Null => Value::Null,
+        _ => Value::String(secret::MASK.to_owned()),
     }
 }
 
@@ -198,6 +224,31 @@ mod tests {
         );
         let text = format!("{all:?}");
         for secret in ["filepw", "envpw", "mgmtpw"] {
+            assert!(!text.contains(secret), "{secret} shown: {text}");
+        }
+    }
+
+    #[test]
+    fn http_tokens_are_masked_and_named() {
+        let mut config = Config::from_toml(
+            "[[http.tokens]]\nname = \"ci\"\ntoken = \"file-token-0123456789\"\nscope = \"read\"\n",
+        )
+        .expect("parses");
+        config.apply_env(|var| {
+            (var == crate::config::HTTP_TOKEN_ENV).then(|| "env-token-0123456789".to_owned())
+        });
+        config.validate().expect("valid");
+        let all = settings(&config);
+        let tokens = get(&all, "http.tokens");
+        assert_eq!(
+            tokens.origin,
+            ConfigSource::Env(crate::config::HTTP_TOKEN_ENV)
+        );
+        assert_eq!(tokens.value[0]["name"], "ci");
+        assert_eq!(tokens.value[0]["scope"], "read");
+        assert_eq!(tokens.value[1]["scope"], "admin");
+        let text = format!("{all:?} {config:?}");
+        for secret in ["file-token-0123456789", "env-token-0123456789"] {
             assert!(!text.contains(secret), "{secret} shown: {text}");
         }
     }
