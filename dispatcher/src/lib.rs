@@ -21,6 +21,7 @@ pub mod management;
 pub mod migrate;
 pub mod status;
 pub mod wait;
+pub mod waiter;
 
 use std::time::Duration;
 
