@@ -11,15 +11,17 @@
 //!   [`crate::reply`]);
 //! - route: exchange `warren.jobs`, key = the queue; a delayed job goes to the top delay level
 //!   with the delay written into its key ([`crate::delay`], [`Message::exchange`]);
-//! - headers: none on a new job (no [`ATTEMPT`] header means attempt 1). A retry carries
-//!   [`ATTEMPT`]; a dead-lettered job also carries the [`DeadLetter`] headers; a job replayed
-//!   from its dead-letter queue carries [`REPLAYED`] and [`REPLAYED_AT`]
-//!   ([`replay_properties`]). New jobs carry no header table at all because RabbitMQ parses it
-//!   on every publish: with the two headers Warren used to write, a confirmed publish was
-//!   15–20% slower (bench/, 2026-11-24).
+//! - headers: a new job carries only its W3C `traceparent` (the submit span's context,
+//!   [`crate::trace`]) and, when the submitter gave a valid one, `tracestate` (no [`ATTEMPT`]
+//!   header means attempt 1). A retry carries [`ATTEMPT`]; a dead-lettered job also carries
+//!   the [`DeadLetter`] headers; a job replayed from its dead-letter queue carries [`REPLAYED`]
+//!   and [`REPLAYED_AT`] ([`replay_properties`]). The header table is kept this small because
+//!   RabbitMQ parses it on every publish: with the two headers Warren used to write, a
+//!   confirmed publish was 15–20% slower (bench/, 2026-11-24).
 //!
 //! The copies a worker publishes (retries, dead letters) carry only what Warren chose: the
-//! [`CARRIED_HEADERS`] allow-list, each value a short scalar, plus the headers Warren writes
+//! [`CARRIED_HEADERS`] allow-list, each value a short scalar (`traceparent` and `tracestate`
+//! only if valid), plus the headers Warren writes
 //! itself, each capped in size ([`MAX_ERROR_BYTES`]). Anything else a producer put in the
 //! header table stays behind: `CC`/`BCC` (RabbitMQ would route every copy to those keys too,
 //! multiplying the job), forged `x-warren-error*` fields, broker bookkeeping (`x-death`), and
@@ -36,6 +38,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use serde::de::{DeserializeOwned, IgnoredAny};
 use serde_json::error::Category;
 
+use crate::trace::{self, SpanIds, TraceContext};
 use crate::{delay, topology};
 
 /// Header: which attempt this delivery is, starting at 1.
@@ -67,8 +70,15 @@ pub const DELIVERY_COUNT: &str = "x-delivery-count";
 
 /// Headers of a delivery that its copies (retries, dead letters) carry over, if their value is
 /// a string or number of at most [`MAX_CARRIED_VALUE_BYTES`]: the documented producer input
-/// [`FIRST_ENQUEUED_AT`] and W3C trace context. [`ATTEMPT`] is written anew on every copy.
-pub const CARRIED_HEADERS: [&str; 4] = [FIRST_ENQUEUED_AT, "traceparent", "tracestate", "baggage"];
+/// [`FIRST_ENQUEUED_AT`] and W3C trace context (`traceparent` and `tracestate` only when valid,
+/// [`crate::trace`]: a producer's invalid one is not carried). [`ATTEMPT`] is written anew on
+/// every copy.
+pub const CARRIED_HEADERS: [&str; 4] = [
+    FIRST_ENQUEUED_AT,
+    trace::TRACEPARENT,
+    trace::TRACESTATE,
+    "baggage",
+];
 /// The largest header value a copy carries over from its delivery.
 pub const MAX_CARRIED_VALUE_BYTES: usize = 1024;
 /// The longest [`ERROR`] text Warren writes; a longer handler error or panic message is cut
@@ -118,6 +128,12 @@ pub struct NewJob {
     /// answer only direct reply-to addresses ([`crate::reply`]); the dispatcher sets it for
     /// `submit_and_wait`.
     pub reply_to: Option<String>,
+    /// The trace the job is submitted in: the caller's span (an HTTP request's `traceparent`,
+    /// say), the parent of the submit span. `None`: the submit starts a new trace.
+    pub traceparent: Option<TraceContext>,
+    /// The caller's W3C `tracestate`, written on the job if valid
+    /// ([`trace::is_valid_tracestate`]), else left out.
+    pub tracestate: Option<String>,
 }
 
 impl NewJob {
@@ -135,6 +151,8 @@ impl NewJob {
             delay: None,
             priority: None,
             reply_to: None,
+            traceparent: None,
+            tracestate: None,
         }
     }
 
@@ -152,6 +170,8 @@ impl NewJob {
             delay: None,
             priority: None,
             reply_to: None,
+            traceparent: None,
+            tracestate: None,
         }
     }
 
@@ -173,7 +193,28 @@ impl NewJob {
         self
     }
 
-    /// Checks the job and turns it into the message to publish.
+    /// Submits the job in the caller's trace: the submit span becomes a child of `parent`.
+    pub fn with_traceparent(mut self, parent: TraceContext) -> NewJob {
+        self.traceparent = Some(parent);
+        self
+    }
+
+    /// [`NewJob::with_traceparent`] from header text: an invalid value is ignored (the job
+    /// starts a new trace), as the W3C recommendation asks.
+    pub fn with_traceparent_header(mut self, value: &str) -> NewJob {
+        self.traceparent = TraceContext::parse(value);
+        self
+    }
+
+    /// Carries the caller's `tracestate` on the job, if it is valid.
+    pub fn with_tracestate(mut self, value: impl Into<String>) -> NewJob {
+        self.tracestate = Some(value.into());
+        self
+    }
+
+    /// Checks the job and turns it into the message to publish, with the submit span's trace
+    /// context ([`Message::trace`]: a child of [`NewJob::traceparent`], or a new trace) as its
+    /// `traceparent` header.
     pub fn encode(&self, max_payload_bytes: usize) -> Result<Message, EncodeError> {
         if self.payload.len() > max_payload_bytes {
             return Err(EncodeError::TooLarge {
@@ -213,6 +254,9 @@ impl NewJob {
         if let Some(priority) = self.priority {
             properties = properties.with_priority(priority);
         }
+        let trace = SpanIds::child_of(self.traceparent.as_ref());
+        properties =
+            properties.with_headers(trace_headers(&trace.context, self.tracestate.as_deref()));
         if let Some(reply_to) = &self.reply_to {
             let reply_to = ShortString::try_new(reply_to.as_str())
                 .map_err(|_| EncodeError::TooLong("reply_to"))?;
@@ -236,8 +280,24 @@ impl NewJob {
             delay_seconds,
             body: self.payload.clone(),
             properties,
+            trace,
         })
     }
+}
+
+/// The header table of a new job: `traceparent`, and `tracestate` if valid.
+fn trace_headers(context: &TraceContext, tracestate: Option<&str>) -> FieldTable {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        trace::TRACEPARENT.into(),
+        AMQPValue::LongString(context.to_string().into()),
+    );
+    if let Some(state) =
+        tracestate.filter(|s| !s.is_empty() && trace::is_valid_tracestate(s.as_bytes()))
+    {
+        headers.insert(trace::TRACESTATE.into(), long_string(state));
+    }
+    headers
 }
 
 /// The correlation id of a job that asks for a reply: its id.
@@ -256,6 +316,8 @@ pub struct Message {
     pub delay_seconds: u64,
     pub body: Vec<u8>,
     pub properties: BasicProperties,
+    /// The submit span: its context is the `traceparent` header; its parent, the caller's.
+    pub trace: SpanIds,
 }
 
 /// Why a job could not be encoded.
@@ -589,8 +651,17 @@ fn carried_headers(original: &BasicProperties) -> FieldTable {
         return headers;
     };
     for name in CARRIED_HEADERS {
-        if let Some(value) = old.inner().get(name)
+        if name == trace::TRACEPARENT {
+            // Written as version 00 (for a valid version-00 value: unchanged, byte for byte).
+            if let Some(context) = traceparent(original) {
+                headers.insert(
+                    name.into(),
+                    AMQPValue::LongString(context.to_string().into()),
+                );
+            }
+        } else if let Some(value) = old.inner().get(name)
             && is_short_scalar(value)
+            && (name != trace::TRACESTATE || is_valid_tracestate(value))
         {
             headers.insert(name.into(), value.clone());
         }
@@ -608,6 +679,30 @@ fn carried_headers(original: &BasicProperties) -> FieldTable {
         headers.insert(REPLAYED_AT.into(), value.clone());
     }
     headers
+}
+
+/// A `tracestate` header a copy carries: a string the W3C recommendation accepts.
+fn is_valid_tracestate(value: &AMQPValue) -> bool {
+    match value {
+        AMQPValue::LongString(s) => trace::is_valid_tracestate(s.as_bytes()),
+        AMQPValue::ShortString(s) => trace::is_valid_tracestate(s.as_str().as_bytes()),
+        _ => false,
+    }
+}
+
+/// The job's W3C trace context as its delivery carries it: `None` when absent or invalid
+/// (never an error: a job without a valid one still runs, in a trace of its own).
+pub fn traceparent(properties: &BasicProperties) -> Option<TraceContext> {
+    let value = properties
+        .headers()
+        .as_ref()?
+        .inner()
+        .get(trace::TRACEPARENT)?;
+    match value {
+        AMQPValue::LongString(s) => TraceContext::from_header(s.as_bytes()),
+        AMQPValue::ShortString(s) => TraceContext::from_header(s.as_str().as_bytes()),
+        _ => None,
+    }
 }
 
 /// Strings up to [`MAX_CARRIED_VALUE_BYTES`], numbers, booleans and timestamps.
@@ -708,10 +803,107 @@ mod tests {
         let payload: serde_json::Value = parse_payload(&message.body).expect("JSON");
         assert_eq!(payload["to"], "a@b.c");
         assert!(message.properties.timestamp().is_some());
-        assert!(
-            message.properties.headers().is_none(),
-            "a new job carries no header table (attempt 1 is implied)"
+        let headers = message.properties.headers().as_ref().expect("headers");
+        let keys: Vec<&str> = headers.inner().keys().map(|k| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            vec![trace::TRACEPARENT],
+            "a new job carries only its traceparent (attempt 1 is implied)"
         );
+        assert_eq!(
+            traceparent(&message.properties),
+            Some(message.trace.context),
+            "the header is the submit span's context"
+        );
+        assert_eq!(
+            message.trace.parent_id(),
+            None,
+            "no caller's trace: a new one"
+        );
+    }
+
+    #[test]
+    fn the_submit_span_is_a_child_of_the_callers() {
+        let parent = TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+            .expect("valid");
+        let job = NewJob::new("q", "k", &serde_json::json!(1))
+            .with_traceparent(parent)
+            .with_tracestate("rojo=00f067aa0ba902b7");
+        let message = encode(&job);
+        assert_eq!(message.trace.trace_id(), parent.trace_id());
+        assert_eq!(message.trace.parent_id(), Some(parent.span_id()));
+        assert_ne!(message.trace.span_id(), parent.span_id());
+        assert_eq!(
+            traceparent(&message.properties),
+            Some(message.trace.context)
+        );
+        assert_eq!(
+            header_str(&message.properties, trace::TRACESTATE).as_deref(),
+            Some("rojo=00f067aa0ba902b7")
+        );
+        let invalid = NewJob::new("q", "k", &serde_json::json!(1))
+            .with_traceparent_header("00-XYZ")
+            .with_tracestate("Not Valid");
+        let message = encode(&invalid);
+        assert_eq!(
+            message.trace.parent_id(),
+            None,
+            "an invalid parent is ignored"
+        );
+        assert_eq!(header_str(&message.properties, trace::TRACESTATE), None);
+    }
+
+    #[test]
+    fn copies_carry_trace_context_only_if_valid() {
+        let with = |traceparent: AMQPValue, tracestate: AMQPValue| {
+            let mut headers = FieldTable::default();
+            headers.insert(trace::TRACEPARENT.into(), traceparent);
+            headers.insert(trace::TRACESTATE.into(), tracestate);
+            BasicProperties::default()
+                .with_message_id("x".into())
+                .with_type("k".into())
+                .with_headers(headers)
+        };
+        let valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let good = with(long_string(valid), long_string("congo=t61rcWkgMzE"));
+        let retry = retry_properties(&good, 2);
+        assert_eq!(
+            header_str(&retry, trace::TRACEPARENT).as_deref(),
+            Some(valid)
+        );
+        assert_eq!(
+            header_str(&retry, trace::TRACESTATE).as_deref(),
+            Some("congo=t61rcWkgMzE")
+        );
+        // A future version is passed on as version 00; junk, other types: left behind.
+        let future = with(
+            long_string(&format!("{}-more", valid.replacen("00", "cc", 1))),
+            AMQPValue::LongLongInt(1),
+        );
+        let retry = retry_properties(&future, 2);
+        assert_eq!(
+            header_str(&retry, trace::TRACEPARENT).as_deref(),
+            Some(valid)
+        );
+        assert_eq!(header_str(&retry, trace::TRACESTATE), None);
+        for junk in [
+            long_string("00-abc-def-01"),
+            long_string(&valid.to_uppercase()),
+            AMQPValue::LongLongInt(7),
+            AMQPValue::FieldArray(Default::default()),
+        ] {
+            let dead = DeadLetter {
+                reason: DeadReason::Exhausted,
+                error: "boom".into(),
+                attempts: 3,
+                queue: "q".into(),
+                worker: "w1".into(),
+            }
+            .properties(&with(junk, long_string("Bad State")));
+            let headers = dead.headers().as_ref().expect("headers");
+            assert!(!headers.contains_key(trace::TRACEPARENT));
+            assert!(!headers.contains_key(trace::TRACESTATE));
+        }
     }
 
     #[test]
@@ -923,14 +1115,14 @@ mod tests {
         let message = encode(&NewJob::new("q", "k", &serde_json::json!({})));
         let mut headers = message.properties.headers().clone().unwrap_or_default();
         headers.insert("x-death".into(), AMQPValue::FieldArray(Default::default()));
-        headers.insert("traceparent".into(), long_string("00-abc-def-01"));
         let delivered = message.properties.clone().with_headers(headers);
 
         let retry = retry_properties(&delivered, 2);
         assert_eq!(header_int(&retry, ATTEMPT), Some(2));
         assert_eq!(
-            header_str(&retry, "traceparent").as_deref(),
-            Some("00-abc-def-01")
+            traceparent(&retry),
+            Some(message.trace.context),
+            "the job's traceparent, unchanged"
         );
         assert!(
             !retry

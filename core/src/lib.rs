@@ -37,6 +37,7 @@ pub mod secret;
 pub mod settings;
 pub mod tls;
 pub mod topology;
+pub mod trace;
 
 pub use config::{Config, ConfigError, QueueConfig};
 pub use envelope::{Job, JobId, NewJob};
