@@ -25,7 +25,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -276,7 +276,10 @@ impl Metrics {
             "How long an HTTP request took to answer, by route",
             metrics.http_duration.clone(),
         );
-        Arc::new(Metrics { registry, ..metrics })
+        Arc::new(Metrics {
+            registry,
+            ..metrics
+        })
     }
 
     /// Every metric in the Prometheus text format ([`CONTENT_TYPE`]).
@@ -421,6 +424,22 @@ pub struct KindMetrics {
     acks_lost: Counter,
 }
 
+/// One handler run in flight ([`KindMetrics::attempt`]); dropping it ends it.
+#[derive(Debug)]
+pub struct Attempt<'a> {
+    metrics: &'a KindMetrics,
+    started: Instant,
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        self.metrics.in_flight.dec();
+        self.metrics
+            .duration
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
 /// How a job's delivery was settled, for [`KindMetrics::settled`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Settled<'a> {
@@ -433,17 +452,15 @@ pub enum Settled<'a> {
 }
 
 impl KindMetrics {
-    /// A handler starts: counts the attempt and one more in flight. Call
-    /// [`KindMetrics::finished`] once it returned (or was stopped).
-    pub fn started(&self) {
+    /// A handler starts: counts the attempt and one more in flight, until the returned guard
+    /// is dropped (the handler returned, or was stopped), which records its duration.
+    pub fn attempt(&self) -> Attempt<'_> {
         self.started.inc();
         self.in_flight.inc();
-    }
-
-    /// A handler started with [`KindMetrics::started`] returned after `took`.
-    pub fn finished(&self, took: Duration) {
-        self.in_flight.dec();
-        self.duration.observe(took.as_secs_f64());
+        Attempt {
+            metrics: self,
+            started: Instant::now(),
+        }
     }
 
     /// The job's delivery was settled (its ack or nack sent, or not: `sent`). An ack that
@@ -510,6 +527,13 @@ mod tests {
     #[test]
     fn every_family_is_exposed_with_help_and_the_shared_names() {
         let metrics = Metrics::new();
+        // A family shows once it has a series: a worker makes its jobs' series at start.
+        let _ = metrics.worker_queue("q", &["k"]);
+        metrics.set_connected(Link::Dispatcher, true);
+        metrics.consumer_cancelled("q");
+        let ms = Duration::from_millis(1);
+        metrics.submitted("q", "k", ms, ms);
+        metrics.http_request("/readyz", 200, ms);
         let text = metrics.encode();
         for name in [
             "warren_jobs_submitted_total",
@@ -540,11 +564,10 @@ mod tests {
         let queue = metrics.worker_queue("emails", &["send"]);
         for i in 0..1000 {
             let kind = queue.kind(&format!("random-{i}"));
-            kind.started();
-            kind.finished(Duration::from_millis(1));
+            drop(kind.attempt());
             kind.settled(Settled::DeadLettered("unknown-kind"), true);
         }
-        queue.kind("send").started();
+        let running = queue.kind("send").attempt();
         let text = metrics.encode();
         assert!(text.contains(
             "warren_jobs_dead_lettered_total{queue=\"emails\",kind=\"unknown\",class=\"unknown-kind\"} 1000"
@@ -553,6 +576,12 @@ mod tests {
         assert!(text.contains("warren_jobs_in_flight{queue=\"emails\"} 1"));
         assert_eq!(series(&text, "warren_jobs_started_total"), 2, "{text}");
         assert!(!text.contains("random-"));
+        drop(running);
+        assert!(
+            metrics
+                .encode()
+                .contains("warren_jobs_in_flight{queue=\"emails\"} 0")
+        );
     }
 
     #[test]

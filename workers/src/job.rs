@@ -43,6 +43,7 @@ use tokio::sync::{OwnedSemaphorePermit, watch};
 use tokio_util::sync::CancellationToken;
 use warren_core::config::QueueConfig;
 use warren_core::envelope::{self, DeadLetter, DeadReason, Job, PayloadError};
+use warren_core::metrics::{KindMetrics, QueueMetrics};
 use warren_core::publish::{self, PublishError};
 use warren_core::reply::{self, Outcome as ReplyOutcome};
 use warren_core::{delay, topology};
@@ -97,7 +98,7 @@ impl Stats {
         let counter = match outcome {
             Outcome::Done => &self.done,
             Outcome::Retried => &self.retried,
-            Outcome::DeadLettered => &self.dead_lettered,
+            Outcome::DeadLettered(_) => &self.dead_lettered,
             Outcome::Requeued => &self.requeued,
             Outcome::TakenBack => &self.taken_back,
         };
@@ -129,6 +130,8 @@ pub(crate) struct QueueRuntime {
     /// What each consumer asks the broker for as `x-consumer-timeout`
     /// ([`warren_core::config::Config::consumer_timeout`]).
     pub consumer_timeout: Duration,
+    /// This queue's metric handles, by kind, when the worker records metrics.
+    pub metrics: Option<QueueMetrics>,
 }
 
 /// How a job ended, for the log line.
@@ -136,7 +139,8 @@ pub(crate) struct QueueRuntime {
 pub(crate) enum Outcome {
     Done,
     Retried,
-    DeadLettered,
+    /// With why: its class is a label of `warren_jobs_dead_lettered_total`.
+    DeadLettered(DeadReason),
     /// Handed back to the broker to be delivered again (settling failed).
     Requeued,
     /// The broker ended the job's consumer (a consumer timeout, a closed channel) and took the
@@ -149,7 +153,7 @@ impl Outcome {
         match self {
             Outcome::Done => "done",
             Outcome::Retried => "retry scheduled",
-            Outcome::DeadLettered => "dead-lettered",
+            Outcome::DeadLettered(_) => "dead-lettered",
             Outcome::Requeued => "requeued",
             Outcome::TakenBack => "taken back",
         }
@@ -173,7 +177,13 @@ pub(crate) async fn process(
     taken_back: &CancellationToken,
 ) {
     let started = Instant::now();
-    let (settle, outcome, attempt) = run(shared, queue, &delivery, slot, taken_back).await;
+    // The job's series (an unknown kind's are `kind="unknown"`), counted as the stats are.
+    let metrics = queue
+        .metrics
+        .as_ref()
+        .map(|m| m.kind(text(delivery.properties.kind())).clone());
+    let (settle, outcome, attempt) =
+        run(shared, queue, &delivery, slot, taken_back, metrics.as_deref()).await;
     log_outcome(outcome, &delivery.properties, attempt, started);
     let id = match settler.keeps_ids() {
         true => delivery.properties.message_id().clone(),
@@ -185,6 +195,7 @@ pub(crate) async fn process(
         settle,
         outcome,
         id,
+        metrics,
     };
     settler.finish(finished, &shared.stats);
 }
@@ -196,6 +207,7 @@ async fn run(
     delivery: &Delivery,
     slot: OwnedSemaphorePermit,
     taken_back: &CancellationToken,
+    metrics: Option<&KindMetrics>,
 ) -> (Settle, Outcome, u32) {
     let body = &delivery.data;
     let job = match Job::decode(&delivery.properties, body, shared.max_payload_bytes) {
@@ -250,6 +262,8 @@ async fn run(
         redelivered: delivery.redelivered,
     };
     let running = shared.running.enter(&ctx, queue.config.job_timeout);
+    // Counts the attempt and its duration, and the handler in flight until dropped.
+    let attempt_metrics = metrics.map(KindMetrics::attempt);
     // The payload is parsed, and the handler called, before its future runs: a panic there (a
     // custom `Deserialize`, code before the handler's first `.await`) is caught too.
     let result = match std::panic::catch_unwind(AssertUnwindSafe(|| start(body, ctx))) {
@@ -279,6 +293,7 @@ async fn run(
         Ok(Err(err @ PayloadError::Mismatch(_))) => Err(JobError::permanent(err.to_string())),
         Err(panic) => Err(panicked(&*panic)),
     };
+    drop(attempt_metrics);
     drop(running);
     drop(slot);
     // A handler that blocked its thread could not be stopped: its result comes too late.
@@ -422,7 +437,7 @@ fn dead_letter_and_ack<'a>(
             };
             send_reply(shared, delivery, dead.attempts, failed).await;
         }
-        settle_after_publish(shared, published, Outcome::DeadLettered)
+        settle_after_publish(shared, published, Outcome::DeadLettered(dead.reason))
     })
 }
 

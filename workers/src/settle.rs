@@ -36,6 +36,8 @@ use lapin::types::ShortString;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use warren_core::metrics::{self, KindMetrics};
+
 use crate::job::{Outcome, Stats};
 
 /// How long deliveries finished behind a still-running one wait before they are acked one by
@@ -77,6 +79,8 @@ pub(crate) struct Finished<A = Acker> {
     pub outcome: Outcome,
     /// Kept only when a [`SettleHook`] wants it.
     pub id: Option<ShortString>,
+    /// The job's metric series, when the worker records metrics: counted where the stats are.
+    pub metrics: Option<Arc<KindMetrics>>,
 }
 
 /// What the settler calls on a delivery: [`Acker`] on a channel, a recording fake in tests.
@@ -152,9 +156,12 @@ impl<A: Acknowledge> Settler<A> {
     /// Hands a finished delivery over. If the settler is gone (its channel's session ended), the
     /// broker has requeued the delivery already; it is counted as an ack lost.
     pub fn finish(&self, finished: Finished<A>, stats: &Stats) {
-        if self.tx.send(finished).is_err() {
+        if let Err(mpsc::error::SendError(finished)) = self.tx.send(finished) {
             stats.acks_lost.fetch_add(1, Ordering::Relaxed);
             stats.requeued.fetch_add(1, Ordering::Relaxed);
+            if let Some(metrics) = &finished.metrics {
+                metrics.settled(metrics::Settled::Requeued, false);
+            }
         }
     }
 }
@@ -350,6 +357,9 @@ impl<A: Acknowledge> Window<A> {
             Outcome::Requeued
         };
         self.stats.count(outcome);
+        if let Some(metrics) = &finished.metrics {
+            metrics.settled(metric_of(finished.outcome), sent);
+        }
         let Some(hook) = &self.hook else { return };
         let settled = Settled {
             id: finished.id.as_ref().map(|id| id.as_str()),
@@ -369,6 +379,16 @@ impl<A: Acknowledge> Window<A> {
     #[cfg(test)]
     fn held(&self) -> usize {
         self.finished.len() + self.sent.len()
+    }
+}
+
+/// How an outcome is counted in the metrics (a run taken back is handed back: requeued).
+fn metric_of(outcome: Outcome) -> metrics::Settled<'static> {
+    match outcome {
+        Outcome::Done => metrics::Settled::Succeeded,
+        Outcome::Retried => metrics::Settled::Retried,
+        Outcome::DeadLettered(reason) => metrics::Settled::DeadLettered(reason.class()),
+        Outcome::Requeued | Outcome::TakenBack => metrics::Settled::Requeued,
     }
 }
 
@@ -493,6 +513,7 @@ mod tests {
                 settle,
                 outcome,
                 id: Some(format!("job-{tag}").into()),
+                metrics: None,
             }
         }
 

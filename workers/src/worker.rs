@@ -58,6 +58,8 @@ use warren_core::connection::{self, ConnectError, Connector};
 use warren_core::topology::{self, TopologyError};
 
 use warren_core::inflight::WorkerInfo;
+use warren_core::metrics::{Link as MetricLink, Metrics};
+use warren_core::probes::Health;
 
 use crate::handler::Registry;
 use crate::inflight::{self, Running};
@@ -71,6 +73,8 @@ pub struct Worker {
     registry: Registry,
     queues: Vec<String>,
     hook: Option<SettleHook>,
+    metrics: Option<Arc<Metrics>>,
+    health: Option<Arc<Health>>,
 }
 
 /// Why a worker stopped other than by shutdown. Only errors that reconnecting cannot fix
@@ -141,6 +145,12 @@ struct Process {
     hook: Option<SettleHook>,
     /// The jobs whose handlers run now, across sessions (`warren inflight`).
     running: Arc<Running>,
+    /// Connection state, reconnects and consumer cancels (the jobs' series are in `queues`).
+    metrics: Option<Arc<Metrics>>,
+    /// Readiness: one condition per connection and per consumed queue ([`conditions`]).
+    health: Option<Arc<Health>>,
+    /// Set once a session has connected: the next session that connects is a reconnect.
+    connected_before: AtomicBool,
 }
 
 impl Worker {
@@ -150,7 +160,26 @@ impl Worker {
             registry,
             queues: Vec::new(),
             hook: None,
+            metrics: None,
+            health: None,
         }
+    }
+
+    /// Records Prometheus metrics in `metrics` (see [`warren_core::metrics`]): jobs started,
+    /// succeeded, retried, dead-lettered and requeued by queue and kind, handler durations,
+    /// jobs in flight, acks lost, reconnects, connection state, consumer cancels. Without it
+    /// nothing is recorded.
+    pub fn metrics(mut self, metrics: Arc<Metrics>) -> Worker {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Keeps `health` up to date: ready while both connections are open and every queue has a
+    /// subscribed consumer; not ready while the broker is away, between sessions, or while a
+    /// consumer is being subscribed again (`/readyz`, [`warren_core::probes`]).
+    pub fn health(mut self, health: Arc<Health>) -> Worker {
+        self.health = Some(health);
+        self
     }
 
     /// Calls `hook` for every job once its ack (or nack) was sent, or could not be: for
@@ -193,6 +222,10 @@ impl Worker {
                         name: name.as_str().into(),
                         config: self.config.queue(name),
                         consumer_timeout: self.config.consumer_timeout(&consumed),
+                        metrics: self
+                            .metrics
+                            .as_ref()
+                            .map(|m| m.worker_queue(name, &self.registry.kinds())),
                     })
                 })
                 .collect(),
@@ -203,9 +236,17 @@ impl Worker {
             stats: Arc::default(),
             hook: self.hook,
             running: Arc::default(),
+            metrics: self.metrics,
+            health: self.health,
+            connected_before: AtomicBool::new(false),
             config: self.config,
             registry: self.registry,
         };
+        if let Some(health) = &process.health {
+            for condition in conditions(&self.queues) {
+                health.set(&condition, false);
+            }
+        }
         let mut reconnect = reconnect_backoff();
         let result = loop {
             match process.session(&shutdown, &mut reconnect).await {
@@ -246,11 +287,20 @@ impl Process {
     ) -> Result<(), WorkerError> {
         let timeout = self.config.broker.operation_timeout;
         // Shared with the watchdog task (watchdog.rs), which opens channels of its own.
+        // Until the session ends: not ready, connections down in the metrics.
+        let _state = SessionState(self);
         let consuming = Arc::new(self.connector.connect(&self.consuming_name()).await?);
+        self.connection_state(MetricLink::Consume, true);
         let publishing = self
             .connector
             .connect(&format!("warren-worker {} publish", self.worker_id))
             .await?;
+        self.connection_state(MetricLink::Publish, true);
+        if self.connected_before.swap(true, Ordering::Relaxed)
+            && let Some(metrics) = &self.metrics
+        {
+            metrics.reconnected();
+        }
 
         let queues: Vec<_> = self.queues.iter().map(|q| (&*q.name, &q.config)).collect();
         let ensured = within(
@@ -410,6 +460,16 @@ impl Process {
         }
     }
 
+    /// Records whether a connection is open: its readiness condition and `warren_connected`.
+    fn connection_state(&self, link: MetricLink, open: bool) {
+        if let Some(health) = &self.health {
+            health.set(connection_condition(link), open);
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.set_connected(link, open);
+        }
+    }
+
     /// The consuming connection's name, as the broker lists it.
     fn consuming_name(&self) -> String {
         format!("warren-worker {} consume", self.worker_id)
@@ -490,6 +550,12 @@ impl Process {
         }
         self.stats.consumer_restarts.fetch_add(1, Ordering::Relaxed);
         let queue = &of.queue.name;
+        if let Some(metrics) = &self.metrics {
+            metrics.consumer_cancelled(queue);
+        }
+        if let Some(health) = &self.health {
+            health.set(&queue_condition(queue), false);
+        }
         match &why {
             Some(err) => {
                 tracing::warn!(%queue, error = %err, "the broker closed the consumer's channel; subscribing again")
@@ -549,7 +615,11 @@ impl Process {
         queue: &Arc<QueueRuntime>,
         consumers: &Consumers,
     ) -> Result<Deliveries<'a>, WorkerError> {
-        self.subscribe(connection, queue, consumers, false).await
+        let stream = self.subscribe(connection, queue, consumers, false).await?;
+        if let Some(health) = &self.health {
+            health.set(&queue_condition(&queue.name), true);
+        }
+        Ok(stream)
     }
 
     /// [`Process::consume`], or with `overflow` a queue's overflow consumer (see [`Consumers`]).
@@ -624,6 +694,41 @@ impl Process {
             .boxed();
         Ok(stream)
     }
+}
+
+/// Marks the session's end, however it ends: not ready (every condition unmet), both
+/// connections down in the metrics.
+struct SessionState<'a>(&'a Process);
+
+impl Drop for SessionState<'_> {
+    fn drop(&mut self) {
+        if let Some(health) = &self.0.health {
+            health.set_all(false);
+        }
+        self.0.connection_state(MetricLink::Consume, false);
+        self.0.connection_state(MetricLink::Publish, false);
+    }
+}
+
+/// The readiness conditions of a worker consuming `queues`: its two connections, and a
+/// subscribed consumer on each queue.
+fn conditions(queues: &[String]) -> Vec<String> {
+    [MetricLink::Consume, MetricLink::Publish]
+        .map(|link| connection_condition(link).to_owned())
+        .into_iter()
+        .chain(queues.iter().map(|q| queue_condition(q)))
+        .collect()
+}
+
+fn connection_condition(link: MetricLink) -> &'static str {
+    match link {
+        MetricLink::Publish => "publishing connection open",
+        _ => "consuming connection open",
+    }
+}
+
+fn queue_condition(queue: &str) -> String {
+    format!("queue `{queue}` consumed")
 }
 
 /// The consumers of a session, cancelled on shutdown.
