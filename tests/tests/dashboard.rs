@@ -3,7 +3,8 @@
 //!
 //! - `config/grafana/dashboards/warren.json` parses, every panel has a query, and every metric
 //!   name in every PromQL expression (panel targets and template variables) is one that Warren
-//!   exports (the `# TYPE` lines of [`WARREN_TYPES`]; histograms add `_bucket`, `_sum`, `_count`)
+//!   exports (the `# TYPE` lines of `warren_core::metrics::Metrics::new().encode()`; counters are
+//!   seen with `_total`, histograms as `_bucket`, `_sum`, `_count`)
 //!   or one that RabbitMQ 4.3's `rabbitmq_prometheus` exports on the endpoints Prometheus
 //!   scrapes (`tests/fixtures/rabbitmq-4.3-prometheus-metrics.txt`, captured from the local
 //!   broker; the file says how). The dashboard shows what an operator watches: throughput,
@@ -30,7 +31,7 @@ fn dashboard_refers_only_to_exported_metrics() {
     let dashboard = dashboard();
     let expressions = expressions(&dashboard);
     assert!(
-        expressions.len() >= 10,
+        expressions.len() >= 20,
         "the dashboard has only {} expressions",
         expressions.len()
     );
@@ -343,11 +344,11 @@ fn checker_rejects_made_up_metric_names() {
 fn type_lines_give_the_exposed_names() {
     let names = names_from_type_lines(
         "# HELP a_total x\n# TYPE a_total counter\n# TYPE b gauge\n# TYPE c_seconds histogram\n\
-         c_seconds_bucket{le=\"1\"} 0\n",
+         c_seconds_bucket{le=\"1\"} 0\n# TYPE d counter\n# EOF\n",
     );
     let expected: BTreeSet<String> = ["a_total", "b", "c_seconds_bucket", "c_seconds_sum"]
         .into_iter()
-        .chain(["c_seconds_count"])
+        .chain(["c_seconds_count", "d_total"])
         .map(str::to_owned)
         .collect();
     assert_eq!(names, expected);
@@ -356,30 +357,30 @@ fn type_lines_give_the_exposed_names() {
 // --- helpers ------------------------------------------------------------------------------------
 
 /// Where Warren's metric names come from (shown when a name is unknown).
-const WARREN_TYPES_SOURCE: &str = "the binding list in tests/tests/dashboard.rs (WARREN_TYPES)";
+const WARREN_TYPES_SOURCE: &str =
+    "the `# TYPE` lines of warren_core::metrics::Metrics::new().encode()";
 
-/// Warren's metrics as its encoder declares them: the `# TYPE` lines of the names bound for
-/// issue 13 (counters are exposed with `_total`).
-const WARREN_TYPES: &str = "\
-# TYPE warren_jobs_submitted_total counter
-# TYPE warren_jobs_started_total counter
-# TYPE warren_jobs_succeeded_total counter
-# TYPE warren_jobs_retried_total counter
-# TYPE warren_jobs_dead_lettered_total counter
-# TYPE warren_jobs_requeued_total counter
-# TYPE warren_job_duration_seconds histogram
-# TYPE warren_jobs_in_flight gauge
-# TYPE warren_acks_lost_total counter
-# TYPE warren_reconnects_total counter
-# TYPE warren_connected gauge
-# TYPE warren_consumer_cancels_total counter
-# TYPE warren_submit_duration_seconds histogram
-# TYPE warren_confirm_duration_seconds histogram
-";
+/// Warren's metrics as a worker and `warren serve` expose them: a fresh registry with one series
+/// of every labelled family made (a family without a series may be left out of the text).
+fn warren_metrics() -> String {
+    use std::time::Duration;
+    use warren_core::metrics::{Link, Metrics};
+    let metrics = Metrics::new();
+    let _handles = metrics.worker_queue("q", &["k"]);
+    metrics.submitted("q", "k", Duration::from_millis(2), Duration::from_millis(1));
+    metrics.set_connected(Link::Consume, true);
+    metrics.consumer_cancelled("q");
+    metrics.http_request("/v1/queues", 200, Duration::from_millis(1));
+    metrics.encode()
+}
 
 /// Every name the dashboard may use: Warren's and RabbitMQ's.
 fn known_metrics() -> BTreeSet<String> {
-    let mut known = names_from_type_lines(WARREN_TYPES);
+    let mut known = names_from_type_lines(&warren_metrics());
+    assert!(
+        known.contains("warren_jobs_succeeded_total"),
+        "Metrics::encode() declares no warren_jobs_succeeded_total: {known:?}"
+    );
     let path = rabbitmq_fixture();
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|err| panic!("cannot read {}: {err}", path.display()));
@@ -392,8 +393,9 @@ fn known_metrics() -> BTreeSet<String> {
     known
 }
 
-/// The series names a Prometheus text exposition's `# TYPE` lines declare: a histogram `h` is
-/// seen as `h_bucket`, `h_sum` and `h_count`, a summary as `s`, `s_sum`, `s_count`.
+/// The series names a Prometheus text exposition's `# TYPE` lines declare: a counter `c` is seen
+/// as `c_total` (OpenMetrics declares it without the suffix), a histogram `h` as `h_bucket`,
+/// `h_sum` and `h_count`, a summary `s` as `s`, `s_sum` and `s_count`.
 fn names_from_type_lines(text: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     for line in text.lines() {
@@ -409,6 +411,9 @@ fn names_from_type_lines(text: &str) -> BTreeSet<String> {
                 names.extend(["_bucket", "_sum", "_count"].map(|s| format!("{name}{s}")))
             }
             "summary" => names.extend(["", "_sum", "_count"].map(|s| format!("{name}{s}"))),
+            "counter" if !name.ends_with("_total") => {
+                names.insert(format!("{name}_total"));
+            }
             _ => {
                 names.insert(name.to_owned());
             }
