@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use lapin::Channel;
+use tracing::Instrument;
 use warren_core::config::Config;
 use warren_core::connection::{ConnectError, Connector};
 use warren_core::envelope::{EncodeError, JobId, NewJob};
@@ -138,6 +139,10 @@ impl Dispatcher {
     /// queue when its time is up; a job with a priority is refused before anything is
     /// published unless its queue takes priorities (`max_priority`, and for a quorum queue
     /// RabbitMQ 4.0 or later).
+    ///
+    /// The job's `traceparent` header is the submit span's context ([`NewJob::encode`]): a
+    /// child of [`NewJob::traceparent`] when the caller gave one (with the `otel` feature, else
+    /// of the current OpenTelemetry span, if any), or a new trace.
     pub async fn submit(&self, job: NewJob) -> Result<JobId, SubmitError> {
         let link = self.links.current().await?;
         self.submit_on(&link, &link.channel, job).await
@@ -148,9 +153,52 @@ impl Dispatcher {
         &self,
         link: &link::Link,
         channel: &Channel,
-        job: NewJob,
+        #[cfg_attr(not(feature = "otel"), allow(unused_mut))] mut job: NewJob,
     ) -> Result<JobId, SubmitError> {
+        #[cfg(feature = "otel")]
+        if job.traceparent.is_none() {
+            job.traceparent = warren_core::trace::export::current_parent();
+        }
         let message = job.encode(self.config.jobs.max_payload_bytes)?;
+        let span = tracing::debug_span!(
+            "submit",
+            queue = %job.queue,
+            job_id = %message.id,
+            trace_id = %message.trace.trace_id(),
+            span_id = %message.trace.span_id(),
+            parent_id = message.trace.parent_id().map(tracing::field::display),
+        );
+        #[cfg(feature = "otel")]
+        let exported = warren_core::trace::export::start(
+            "submit",
+            warren_core::trace::export::Kind::Producer,
+            &message.trace,
+        )
+        .map(|mut exported| {
+            exported.set("messaging.destination.name", job.queue.clone());
+            exported.set("messaging.message.id", message.id.0.clone());
+            exported.set("warren.job.kind", job.kind.clone());
+            exported
+        });
+        let result = self
+            .publish_checked(link, channel, job, message)
+            .instrument(span)
+            .await;
+        #[cfg(feature = "otel")]
+        if let Some(exported) = exported {
+            exported.end(result.as_ref().err().map(ToString::to_string));
+        }
+        result
+    }
+
+    /// The checks of [`Dispatcher::submit`] that need the broker, then the confirmed publish.
+    async fn publish_checked(
+        &self,
+        link: &link::Link,
+        channel: &Channel,
+        job: NewJob,
+        message: warren_core::envelope::Message,
+    ) -> Result<JobId, SubmitError> {
         if let Some(priority) = job.priority {
             let queue = self.config.queue(&job.queue);
             queue
