@@ -23,6 +23,7 @@ pub mod status;
 pub mod wait;
 pub mod waiter;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
@@ -31,6 +32,8 @@ use tracing::Instrument;
 use warren_core::config::Config;
 use warren_core::connection::{ConnectError, Connector};
 use warren_core::envelope::{EncodeError, JobId, NewJob};
+use warren_core::metrics::Metrics;
+use warren_core::probes::Readiness;
 use warren_core::publish::{self, PublishError};
 use warren_core::topology::{self, Declared, TopologyError};
 
@@ -199,6 +202,7 @@ impl Dispatcher {
         job: NewJob,
         message: warren_core::envelope::Message,
     ) -> Result<JobId, SubmitError> {
+        let submit_started = std::time::Instant::now();
         if let Some(priority) = job.priority {
             let queue = self.config.queue(&job.queue);
             queue
@@ -219,6 +223,7 @@ impl Dispatcher {
         if !link.wait_unblocked(blocked_timeout).await {
             return Err(SubmitError::Blocked(blocked_timeout));
         }
+        let publish_started = std::time::Instant::now();
         let result = publish::publish(
             channel,
             &message.exchange,
@@ -229,7 +234,13 @@ impl Dispatcher {
         )
         .await;
         match result {
-            Ok(()) => Ok(message.id),
+            Ok(()) => {
+                if let Some(metrics) = self.links.metrics() {
+                    let confirm = publish_started.elapsed();
+                    metrics.submitted(&job.queue, &job.kind, submit_started.elapsed(), confirm);
+                }
+                Ok(message.id)
+            }
             Err(PublishError::Unroutable { .. }) => Err(SubmitError::UnknownQueue(job.queue)),
             Err(PublishError::Channel(err)) if is_not_found(&err) => Err(SubmitError::NoTopology),
             Err(err @ PublishError::Nacked { .. }) => {
@@ -322,6 +333,20 @@ impl Dispatcher {
         Ok(declared)
     }
 
+    /// Records `warren_jobs_submitted_total`, submit and confirm latencies,
+    /// `warren_connected{connection="dispatcher"}` and reconnects in `metrics`
+    /// ([`warren_core::metrics`]).
+    pub fn with_metrics(self, metrics: Arc<Metrics>) -> Dispatcher {
+        self.links.set_metrics(metrics);
+        self
+    }
+
+    /// Whether the dispatcher's connection (and its confirm channel) is open now; answers at
+    /// once, never waits for the broker.
+    pub fn is_connected(&self) -> bool {
+        self.links.is_connected()
+    }
+
     /// The configuration this dispatcher runs with.
     pub fn config(&self) -> &Config {
         &self.config
@@ -336,6 +361,14 @@ impl Dispatcher {
     /// Closes the connection (pending confirms have all been awaited by then).
     pub async fn close(self) {
         self.links.close().await;
+    }
+}
+
+/// Ready while connected. When not, a probe starts a reconnect in the background (at most one
+/// a second, with a short deadline) and answers at once: `/readyz` of `warren serve`.
+impl Readiness for Dispatcher {
+    fn readiness(&self) -> Result<(), String> {
+        self.links.readiness()
     }
 }
 
