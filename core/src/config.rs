@@ -31,6 +31,9 @@ pub const TLS_SERVER_NAME_ENV: &str = "WARREN_TLS_SERVER_NAME";
 /// Environment variable that overrides `management.url` (the management HTTP API, for
 /// `warren status` and `warren doctor`).
 pub const MANAGEMENT_URL_ENV: &str = "WARREN_MANAGEMENT_URL";
+/// Environment variable that overrides `worker.http` (the worker's `/healthz`, `/readyz` and
+/// `/metrics` listener, e.g. `0.0.0.0:9090`).
+pub const WORKER_HTTP_ENV: &str = "WARREN_WORKER_HTTP";
 /// Environment variables that override `[http]` keys (`warren serve`).
 pub const HTTP_LISTEN_ENV: &str = "WARREN_HTTP_LISTEN";
 pub const HTTP_TLS_CERT_FILE_ENV: &str = "WARREN_HTTP_TLS_CERT_FILE";
@@ -40,7 +43,7 @@ pub const HTTP_TLS_KEY_FILE_ENV: &str = "WARREN_HTTP_TLS_KEY_FILE";
 pub const HTTP_TOKEN_ENV: &str = "WARREN_HTTP_TOKEN";
 /// Every environment override: (variable, the key it replaces). An empty variable counts as
 /// unset.
-pub const ENV_OVERRIDES: [(&str, &str); 11] = [
+pub const ENV_OVERRIDES: [(&str, &str); 12] = [
     (AMQP_URL_ENV, "broker.url"),
     (FAILOVER_URLS_ENV, "broker.failover_urls"),
     (TLS_CA_FILE_ENV, "broker.tls.ca_file"),
@@ -52,6 +55,7 @@ pub const ENV_OVERRIDES: [(&str, &str); 11] = [
     (HTTP_TLS_CERT_FILE_ENV, "http.tls_cert_file"),
     (HTTP_TLS_KEY_FILE_ENV, "http.tls_key_file"),
     (HTTP_TOKEN_ENV, "http.tokens"),
+    (WORKER_HTTP_ENV, "worker.http"),
 ];
 /// Environment variable naming the config file when no `--config` is given.
 pub const CONFIG_ENV: &str = "WARREN_CONFIG";
@@ -425,6 +429,9 @@ pub struct WorkerConfig {
     /// anyway (what did not finish is redelivered by the broker).
     #[serde(with = "humane")]
     pub shutdown_grace: Duration,
+    /// Address (`HOST:PORT`) of the worker's HTTP listener for `/healthz`, `/readyz` and
+    /// `/metrics`; none unless set (`warren-worker --http`, `$WARREN_WORKER_HTTP`).
+    pub http: Option<String>,
 }
 
 impl Default for WorkerConfig {
@@ -433,6 +440,7 @@ impl Default for WorkerConfig {
             concurrency: 16,
             prefetch: None,
             shutdown_grace: Duration::from_secs(30),
+            http: None,
         }
     }
 }
@@ -609,6 +617,10 @@ impl Config {
         if let Some(url) = var(MANAGEMENT_URL_ENV) {
             self.management.url = Some(url.trim().to_owned());
             set("management.url", MANAGEMENT_URL_ENV);
+        }
+        if let Some(address) = var(WORKER_HTTP_ENV) {
+            self.worker.http = Some(address.trim().to_owned());
+            set("worker.http", WORKER_HTTP_ENV);
         }
         if let Some(listen) = var(HTTP_LISTEN_ENV) {
             self.http.listen = Some(listen.trim().to_owned());

@@ -240,11 +240,8 @@ impl Shared {
     pub async fn close(&self) {
         lock(&self.last).take();
         if let Some(link) = self.current.lock().await.take() {
-            let _ = tokio::time::timeout(
-                self.timeout,
-                link.connection.close(200, "bye".into()),
-            )
-            .await;
+            let _ =
+                tokio::time::timeout(self.timeout, link.connection.close(200, "bye".into())).await;
         }
         self.record_connected(false);
     }

@@ -10,7 +10,8 @@
 //! }
 //! ```
 //!
-//! It parses `--queue` (repeatable), `--concurrency` and `--config`, logs to stdout through a
+//! It parses `--queue` (repeatable), `--concurrency`, `--config` and `--http` (the
+//! `/healthz`, `/readyz` and `/metrics` listener, [`warren_core::probes`]), logs to stdout through a
 //! background writer (so a slow terminal or pipe never stalls the jobs; `RUST_LOG` sets the
 //! level, default `info` = one line per job), and stops gracefully on SIGTERM or SIGINT.
 //! [`main_with`] also lets the binary adjust the [`Worker`] before it runs, e.g. to add an
@@ -19,11 +20,14 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use warren_core::Config;
+use warren_core::metrics::Metrics;
+use warren_core::probes::{self, Health};
 
 use crate::{Registry, Worker};
 
@@ -39,6 +43,10 @@ struct Args {
     /// Config file (default: $WARREN_CONFIG, else config/warren.toml if present).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Serve /healthz, /readyz and /metrics on this address, e.g. 127.0.0.1:9090 (default:
+    /// worker.http from the config, $WARREN_WORKER_HTTP; off unless set).
+    #[arg(long, value_name = "ADDR")]
+    http: Option<String>,
 }
 
 /// Runs a worker process with the handlers `register` adds, until SIGTERM or SIGINT.
@@ -115,12 +123,60 @@ async fn run(
         config.worker.concurrency = concurrency;
         config.validate()?;
     }
+    if let Some(address) = args.http {
+        config.worker.http = Some(address);
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(crate::worker::stop_on_signal(shutdown.clone()));
-    let worker = args
-        .queues
-        .into_iter()
-        .fold(Worker::new(config, registry), Worker::queue);
-    customise(worker).run(shutdown).await?;
+    // Bound before the worker starts, so that a bad or busy address stops it at once.
+    let probes = match config.worker.http.clone() {
+        Some(address) => Some(Probes::bind(&address).await?),
+        None => None,
+    };
+    let mut worker = Worker::new(config, registry);
+    if let Some(probes) = &probes {
+        worker = worker
+            .metrics(probes.metrics.clone())
+            .health(probes.health.clone());
+    }
+    let worker = args.queues.into_iter().fold(worker, Worker::queue);
+    let listening = probes.map(|probes| tokio::spawn(probes.serve(shutdown.clone())));
+    let result = customise(worker).run(shutdown.clone()).await;
+    shutdown.cancel();
+    if let Some(listening) = listening {
+        let _ = listening.await;
+    }
+    result?;
     Ok(())
+}
+
+/// The worker's HTTP listener (`--http`): `/healthz`, `/readyz` and `/metrics`
+/// ([`warren_core::probes`]).
+struct Probes {
+    listener: tokio::net::TcpListener,
+    metrics: std::sync::Arc<Metrics>,
+    health: std::sync::Arc<Health>,
+}
+
+impl Probes {
+    async fn bind(address: &str) -> anyhow::Result<Probes> {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot listen on --http {address}"))?;
+        if let Ok(local) = listener.local_addr() {
+            tracing::info!("serving /healthz, /readyz and /metrics on http://{local}");
+        }
+        Ok(Probes {
+            listener,
+            metrics: Metrics::new(),
+            health: Health::new(),
+        })
+    }
+
+    async fn serve(self, shutdown: CancellationToken) {
+        let router = probes::router(self.metrics, self.health);
+        if let Err(err) = probes::serve(self.listener, router, shutdown).await {
+            tracing::error!("the /healthz, /readyz and /metrics listener failed: {err}");
+        }
+    }
 }
