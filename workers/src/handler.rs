@@ -39,6 +39,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use warren_core::JobId;
 use warren_core::envelope::{self, PayloadError};
+use warren_core::trace::SpanIds;
 
 /// What a handler knows about the job it runs.
 #[derive(Debug, Clone)]
@@ -50,6 +51,19 @@ pub struct JobContext {
     pub attempt: u32,
     /// True when the broker delivers this attempt again (a worker died while running it).
     pub redelivered: bool,
+    /// This attempt's trace context ([`JobContext::trace`]).
+    pub trace: SpanIds,
+}
+
+impl JobContext {
+    /// This attempt's span: its trace id (the job's, the same on every attempt), its own span
+    /// id (new on every attempt) and its parent's, the span that submitted the job (the
+    /// `traceparent` header; `None` when the job came without a valid one, and this attempt
+    /// started a trace of its own). Hand [`SpanIds::context`] on as the `traceparent` of
+    /// whatever the handler calls, to continue the trace there.
+    pub fn trace(&self) -> &SpanIds {
+        &self.trace
+    }
 }
 
 /// A handler's result: `Ok(Some(value))` is done with a result, `Ok(None)` done without one.

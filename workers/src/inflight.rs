@@ -342,6 +342,7 @@ mod tests {
             queue: "q".into(),
             attempt: 2,
             redelivered: false,
+            trace: warren_core::trace::SpanIds::child_of(None),
         };
         let entered = running.enter(&ctx, Duration::from_secs(1));
         let jobs = running.snapshot(None);

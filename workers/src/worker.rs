@@ -52,7 +52,6 @@ use lapin::{Channel, Connection};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 use warren_core::config::Config;
 use warren_core::connection::{self, ConnectError, Connector};
 use warren_core::topology::{self, TopologyError};
@@ -405,23 +404,19 @@ impl Process {
                 None => break Err(WorkerError::ConsumersCancelled),
             };
             let shared = shared.clone();
-            let span =
-                tracing::info_span!("job", queue = %queue.queue.name, tag = delivery.delivery_tag);
-            self.tracker.spawn(
-                async move {
-                    // Boxed so that spawning moves a pointer, not the whole job's state.
-                    Box::pin(job::process(
-                        &shared,
-                        &queue.queue,
-                        &queue.settler,
-                        delivery,
-                        slot,
-                        &queue.taken_back,
-                    ))
-                    .await;
-                }
-                .instrument(span),
-            );
+            // The job's tracing span is made by `job::process`, which reads its trace context.
+            self.tracker.spawn(async move {
+                // Boxed so that spawning moves a pointer, not the whole job's state.
+                Box::pin(job::process(
+                    &shared,
+                    &queue.queue,
+                    &queue.settler,
+                    delivery,
+                    slot,
+                    &queue.taken_back,
+                ))
+                .await;
+            });
         };
 
         // The streams hold the settlers' handles: dropping them lets each settler end once its
