@@ -13,6 +13,7 @@ COPY patches ./patches
 COPY core ./core
 COPY dispatcher ./dispatcher
 COPY workers ./workers
+COPY service ./service
 COPY cli ./cli
 COPY bench ./bench
 COPY tests ./tests
