@@ -15,6 +15,7 @@ mod dlq;
 mod doctor;
 mod inflight;
 mod output;
+mod serve;
 mod status;
 mod submit;
 mod topology;
@@ -63,6 +64,7 @@ enum Command {
     )]
     Topology(topology::Command),
     Peek(dlq::PeekArgs),
+    Serve(serve::Args),
     #[command(subcommand)]
     Config(config_show::Command),
     /// Print a shell completion script.
@@ -82,7 +84,7 @@ async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,lapin=off".into()),
+                .unwrap_or_else(|_| default_log_filter(&args.command).into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(output::colour_on_stderr())
@@ -122,8 +124,17 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             connected(&config, async |d| topology::run(d, command).await).await
         }
         Command::Peek(peek) => connected(&config, async |d| dlq::peek(d, peek).await).await,
+        Command::Serve(serve) => serve::run(&config, serve).await,
         Command::Config(command) => config_show::run(args.config.as_deref(), &config, command),
         Command::Completions { .. } => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// What is logged without `RUST_LOG`: warnings, and for `warren serve` its access log too.
+fn default_log_filter(command: &Command) -> &'static str {
+    match command {
+        Command::Serve(_) => "warn,warren=info,warren_service=info,lapin=off",
+        _ => "warn,lapin=off",
     }
 }
 

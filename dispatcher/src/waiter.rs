@@ -248,7 +248,8 @@ impl Outcomes {
         let (outcome, _) = watch::channel(None);
         self.entries
             .insert(id.to_owned(), Entry { ticket, outcome });
-        self.order.push_back((id.to_owned(), ticket, Instant::now()));
+        self.order
+            .push_back((id.to_owned(), ticket, Instant::now()));
         ticket
     }
 

@@ -28,22 +28,23 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                 "the body must be JSON, sent with `Content-Type: application/json`",
             ));
         }
-        let bytes = Bytes::from_request(request, state)
-            .await
-            .map_err(|rejection| match rejection.status() {
-                StatusCode::PAYLOAD_TOO_LARGE => Problem::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "the body is over the server's limit (http.body_limit)",
-                ),
-                status => Problem::new(
-                    if status.is_client_error() {
-                        status
-                    } else {
-                        StatusCode::BAD_REQUEST
-                    },
-                    format!("reading the body: {}", rejection.body_text()),
-                ),
-            })?;
+        let bytes =
+            Bytes::from_request(request, state)
+                .await
+                .map_err(|rejection| match rejection.status() {
+                    StatusCode::PAYLOAD_TOO_LARGE => Problem::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "the body is over the server's limit (http.body_limit)",
+                    ),
+                    status => Problem::new(
+                        if status.is_client_error() {
+                            status
+                        } else {
+                            StatusCode::BAD_REQUEST
+                        },
+                        format!("reading the body: {}", rejection.body_text()),
+                    ),
+                })?;
         parse(&bytes).map(JsonBody)
     }
 }
@@ -111,10 +112,7 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         assert_eq!(field_of::<Job>("{}").as_deref(), Some("kind"));
-        assert_eq!(
-            field_of::<Job>(r#"{"kind": 5}"#).as_deref(),
-            Some("kind")
-        );
+        assert_eq!(field_of::<Job>(r#"{"kind": 5}"#).as_deref(), Some("kind"));
         assert_eq!(
             field_of::<Job>(r#"{"kind": "a", "priority": 300}"#).as_deref(),
             Some("priority")

@@ -79,7 +79,16 @@ impl AppState {
     /// The service's state for `config`; connects to RabbitMQ on the first request that needs
     /// it (so the server starts, and answers 503, while the broker is away).
     pub fn new(config: &Config) -> Result<AppState, ServiceError> {
-        let dispatcher = Arc::new(Dispatcher::lazy(config)?);
+        AppState::with_dispatcher(config, Dispatcher::lazy(config)?)
+    }
+
+    /// The service's state around `dispatcher` (one made with [`Dispatcher::lazy`], perhaps
+    /// with metrics).
+    pub fn with_dispatcher(
+        config: &Config,
+        dispatcher: Dispatcher,
+    ) -> Result<AppState, ServiceError> {
+        let dispatcher = Arc::new(dispatcher);
         Ok(AppState {
             waiter: Waiter::new(dispatcher, WaiterSettings::default()),
             management: Management::new(config)?,
@@ -147,7 +156,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         "/openapi.json",
         get(move || async move {
             (
-                [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
                 openapi,
             )
         }),
@@ -182,9 +194,11 @@ pub async fn serve(
     let service = router.into_make_service();
     let stop = shutdown.clone().cancelled_owned();
     match tls {
-        None => axum::serve(listener, service)
-            .with_graceful_shutdown(stop)
-            .await?,
+        None => {
+            axum::serve(listener, service)
+                .with_graceful_shutdown(stop)
+                .await?
+        }
         Some(config) => {
             let listener = tls::TlsListener::new(listener, config, shutdown)?;
             axum::serve(listener, service)

@@ -454,6 +454,7 @@ pub fn connections_named<'a>(listing: &'a str, name_contains: &str) -> Vec<&'a s
 
 pub mod cli;
 pub mod fault;
+pub mod http;
 pub mod probe;
 pub mod procs;
 pub mod raw_amqp;

@@ -202,7 +202,10 @@ pub async fn replay(
         ));
     }
     if request.all && request.limit.is_some() {
-        return Err(Problem::field("limit", "`limit` and `all` exclude each other"));
+        return Err(Problem::field(
+            "limit",
+            "`limit` and `all` exclude each other",
+        ));
     }
     if request
         .rate

@@ -176,7 +176,10 @@ pub async fn batch(
 ) -> Result<(StatusCode, Json<BatchResult>), Problem> {
     state.check_queue(&queue)?;
     if requests.is_empty() {
-        return Err(Problem::field("[]", "the batch is empty: send at least one job"));
+        return Err(Problem::field(
+            "[]",
+            "the batch is empty: send at least one job",
+        ));
     }
     if requests.len() > MAX_BATCH {
         return Err(Problem::field(

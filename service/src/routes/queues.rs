@@ -28,12 +28,7 @@ use crate::problem::{Problem, ProblemBody};
 )]
 pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Status>, Problem> {
     let queues: Vec<String> = state.config.queues.keys().cloned().collect();
-    let status = status::collect(
-        Ok(state.waiter.dispatcher()),
-        &state.management,
-        &queues,
-    )
-    .await;
+    let status = status::collect(Ok(state.waiter.dispatcher()), &state.management, &queues).await;
     if !status.amqp.reachable && !status.management.reachable {
         return Err(Problem::unavailable(
             "neither RabbitMQ nor its management API answered",

@@ -97,7 +97,10 @@ fn parse_timeout(text: &str) -> Result<Duration, Problem> {
         Ok(timeout) if timeout <= MAX_WAIT => Ok(timeout),
         Ok(_) => Err(Problem::field(
             "timeout",
-            format!("`timeout`: at most {}", humantime::format_duration(MAX_WAIT)),
+            format!(
+                "`timeout`: at most {}",
+                humantime::format_duration(MAX_WAIT)
+            ),
         )),
         Err(err) => Err(Problem::field(
             "timeout",
