@@ -38,8 +38,12 @@ pub async fn run(config: &Config, args: Args) -> anyhow::Result<ExitCode> {
     let address: std::net::SocketAddr = listen
         .parse()
         .with_context(|| format!("--listen `{listen}` is not an address like 127.0.0.1:8080"))?;
-    let cert = args.tls_cert_file.or_else(|| config.http.tls_cert_file.clone());
-    let key = args.tls_key_file.or_else(|| config.http.tls_key_file.clone());
+    let cert = args
+        .tls_cert_file
+        .or_else(|| config.http.tls_cert_file.clone());
+    let key = args
+        .tls_key_file
+        .or_else(|| config.http.tls_key_file.clone());
     let tls = match (cert, key) {
         (Some(cert), Some(key)) => Some(Arc::new(
             warren_service::tls::server_config(&cert, &key).context("setting up HTTPS")?,

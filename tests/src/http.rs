@@ -23,8 +23,16 @@ pub type Token<'a> = (&'a str, &'a str, &'a str);
 /// A config file's text for `warren serve`: the test broker, `queues` (default settings)
 /// and `tokens`, then `extra` (more TOML, e.g. an `[http]` key or a `[jobs]` section; keys
 /// of `[http]` go in `http_extra`).
-pub fn serve_config(queues: &[&str], tokens: &[Token<'_>], http_extra: &str, extra: &str) -> String {
-    let mut text = format!("[broker]\nurl = \"{}\"\n\n[http]\n{http_extra}\n", broker_url());
+pub fn serve_config(
+    queues: &[&str],
+    tokens: &[Token<'_>],
+    http_extra: &str,
+    extra: &str,
+) -> String {
+    let mut text = format!(
+        "[broker]\nurl = \"{}\"\n\n[http]\n{http_extra}\n",
+        broker_url()
+    );
     for (name, token, scope) in tokens {
         text.push_str(&format!(
             "[[http.tokens]]\nname = \"{name}\"\ntoken = \"{token}\"\nscope = \"{scope}\"\n\n"
