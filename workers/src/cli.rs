@@ -23,12 +23,11 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
 use warren_core::Config;
 use warren_core::metrics::Metrics;
 use warren_core::probes::{self, Health};
 
+pub use crate::telemetry::LogFormat;
 use crate::{Registry, Worker};
 
 #[derive(Parser)]
@@ -47,6 +46,10 @@ struct Args {
     /// worker.http from the config, $WARREN_WORKER_HTTP; off unless set).
     #[arg(long, value_name = "ADDR")]
     http: Option<String>,
+    /// Log lines as text, or as one JSON object per line (job id, queue, kind, attempt,
+    /// outcome, duration, trace id).
+    #[arg(long, value_enum, env = "WARREN_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 /// Runs a worker process with the handlers `register` adds, until SIGTERM or SIGINT.
@@ -60,7 +63,7 @@ pub fn main_with(
     customise: impl FnOnce(Worker) -> Worker,
 ) -> ExitCode {
     let args = Args::parse();
-    let _flush_on_exit = init_logging();
+    let _flush_on_exit = init_logging(args.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -87,27 +90,35 @@ pub fn main_with(
 /// costs about 4 MiB of memory).
 const LOG_BUFFER_LINES: usize = 4096;
 
-/// Logs to stdout from a background thread. Lines are never dropped: if the writer falls
-/// more than its buffer behind, logging waits. Keep the guard until exit (it flushes).
-pub fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
+/// Logs to stdout from a background thread, as text or JSON lines ([`crate::telemetry`]), and
+/// exports spans when OTLP is configured (feature `otel`). Lines are never dropped: if the
+/// writer falls more than its buffer behind, logging waits. Keep the guard until exit (it
+/// exports the last spans, then flushes the lines).
+pub fn init_logging(format: LogFormat) -> Logging {
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .buffered_lines_limit(LOG_BUFFER_LINES)
         .thread_name("warren-log")
         .finish(std::io::stdout());
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,lapin=warn".into()),
-        )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .with_writer(writer)
-        .finish()
-        .with(tracing_subscriber::filter::filter_fn(|event| {
-            warren_core::secret::safe_to_log(event.target(), *event.level())
-        }))
-        .init();
-    guard
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    let telemetry = crate::telemetry::init(crate::telemetry::Options {
+        format,
+        default_filter: "info,lapin=warn",
+        ansi: std::io::IsTerminal::is_terminal(&std::io::stdout()) && !no_color,
+        writer,
+        service_name: "warren-worker",
+    });
+    Logging {
+        _telemetry: telemetry,
+        _writer: guard,
+    }
+}
+
+/// What [`init_logging`] started; dropped at exit: spans exported first, then the log lines
+/// flushed (fields drop in this order).
+pub struct Logging {
+    _telemetry: crate::telemetry::Telemetry,
+    _writer: tracing_appender::non_blocking::WorkerGuard,
 }
 
 async fn run(

@@ -38,6 +38,8 @@ mod inflight;
 mod job;
 pub mod retry;
 mod settle;
+#[cfg(feature = "cli")]
+pub mod telemetry;
 mod watchdog;
 pub mod worker;
 
