@@ -1,0 +1,198 @@
+//! The health probes of a worker process: `/healthz` while it lives, `/readyz` flipping to 503
+//! while the broker is away and back to 200 once it consumes again; a bad `--http` address
+//! stops the worker at once.
+//!
+//! The shared broker is never stopped: the worker reaches it through a TCP relay of this test
+//! (on a port of its own), and "the broker goes away" is the relay closing every connection and
+//! refusing new ones, until it listens again on the same port. (The fault suite's relay,
+//! `warren_tests::fault::relay`, freezes connections instead, which only heartbeats reveal:
+//! slower, and not what this test is about.)
+
+use std::process::Command;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use warren_tests::probe::{self, Scrape};
+use warren_tests::{binary, broker_url, cleanup, config, connect, dispatcher, procs, unique_queue};
+
+/// A relay to the test broker that can be cut (every connection closed, nothing accepted) and
+/// restored (listening again on the same port).
+struct Relay {
+    port: u16,
+    upstream: String,
+    running: Option<CancellationToken>,
+}
+
+impl Relay {
+    async fn start(upstream: String) -> Relay {
+        let mut relay = Relay {
+            port: probe::free_port(),
+            upstream,
+            running: None,
+        };
+        relay.restore().await;
+        relay
+    }
+
+    /// The broker URL through the relay.
+    fn url(&self) -> String {
+        broker_url().replace(&self.upstream, &format!("127.0.0.1:{}", self.port))
+    }
+
+    async fn restore(&mut self) {
+        let listener = TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .expect("the relay listens");
+        let stop = CancellationToken::new();
+        self.running = Some(stop.clone());
+        let upstream = self.upstream.clone();
+        tokio::spawn(async move {
+            loop {
+                let mut client = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok((client, _)) => client,
+                        Err(_) => continue,
+                    },
+                };
+                let (stop, upstream) = (stop.clone(), upstream.clone());
+                tokio::spawn(async move {
+                    let Ok(mut server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                    }
+                });
+            }
+        });
+    }
+
+    /// Closes every relayed connection and stops listening.
+    fn cut(&mut self) {
+        if let Some(stop) = self.running.take() {
+            stop.cancel();
+        }
+    }
+}
+
+/// `host:port` of the test broker's URL.
+fn broker_authority() -> String {
+    let url = broker_url();
+    let after_scheme = url.split_once("://").map_or(url.as_str(), |(_, rest)| rest);
+    let after_user = after_scheme
+        .rsplit_once('@')
+        .map_or(after_scheme, |(_, rest)| rest);
+    after_user.split('/').next().unwrap_or("").to_owned()
+}
+
+fn assert_probe_headers(response: &probe::Response) {
+    assert_eq!(response.header("cache-control"), Some("no-store"));
+    assert_eq!(response.header("x-content-type-options"), Some("nosniff"));
+}
+
+#[tokio::test]
+async fn readiness_follows_the_broker_going_away_and_coming_back() {
+    let queue = unique_queue("health");
+    let dispatcher = dispatcher(&config(&[&queue])).await;
+    let mut relay = Relay::start(broker_authority()).await;
+    let port = probe::free_port();
+    let dir = std::env::temp_dir().join(format!("warren-{queue}"));
+    // The listener from $WARREN_WORKER_HTTP; the broker through the relay.
+    let mut worker = procs::WorkerSpec::new(binary("warren-worker"), "worker", &[&queue], &dir)
+        .env("WARREN_AMQP_URL", relay.url())
+        .env("WARREN_WORKER_HTTP", format!("127.0.0.1:{port}"))
+        .spawn(0)
+        .expect("starting warren-worker");
+    worker
+        .wait_started(Duration::from_secs(30))
+        .await
+        .expect("the worker consumes");
+
+    let alive = probe::wait_for_status(port, "/healthz", 200, Duration::from_secs(10)).await;
+    let alive = alive.expect("/healthz answers");
+    assert_eq!(alive.status, 200);
+    assert_probe_headers(&alive);
+    let ready = probe::wait_for_status(port, "/readyz", 200, Duration::from_secs(10)).await;
+    let ready = ready.expect("/readyz answers");
+    assert_eq!(ready.status, 200, "{ready:?}\n{}", worker.log_tail());
+    assert_probe_headers(&ready);
+    let metrics = probe::get(port, "/metrics")
+        .await
+        .expect("/metrics answers");
+    assert_probe_headers(&metrics);
+
+    // The broker goes away.
+    relay.cut();
+    let away = probe::wait_for_status(port, "/readyz", 503, Duration::from_secs(20)).await;
+    let away = away.expect("/readyz answers while the broker is away");
+    assert_eq!(away.status, 503, "{away:?}\n{}", worker.log_tail());
+    assert_probe_headers(&away);
+    assert!(away.body.contains("not ready"), "{away:?}");
+    // ... and stays away: not ready all along, alive all along.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let ready = probe::get(port, "/readyz").await.expect("/readyz answers");
+        assert_eq!(ready.status, 503, "{ready:?}");
+        let alive = probe::get(port, "/healthz")
+            .await
+            .expect("/healthz answers");
+        assert_eq!(alive.status, 200);
+    }
+    let scrape = Scrape::fetch(port).await;
+    assert_eq!(
+        scrape.value("warren_connected", &[("connection", "consume")]),
+        0.0
+    );
+
+    // The broker is back: ready again once the worker has reconnected and consumes.
+    relay.restore().await;
+    let back = probe::wait_for_status(port, "/readyz", 200, Duration::from_secs(30)).await;
+    let back = back.expect("/readyz answers");
+    assert_eq!(back.status, 200, "{back:?}\n{}", worker.log_tail());
+    let scrape = Scrape::fetch(port).await;
+    assert_eq!(
+        scrape.value("warren_connected", &[("connection", "consume")]),
+        1.0
+    );
+    assert_eq!(
+        scrape.value("warren_connected", &[("connection", "publish")]),
+        1.0
+    );
+    assert!(scrape.value("warren_reconnects_total", &[]) >= 1.0);
+
+    worker.terminate(Duration::from_secs(20)).await;
+    let channel = connect().await.create_channel().await.expect("channel");
+    cleanup(&channel, &[&queue]).await;
+    dispatcher.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `warren-worker --http` with an address it cannot listen on stops at once, non-zero, saying
+/// why; before it ever connects to the broker.
+#[test]
+fn a_bad_http_address_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port to occupy");
+    let taken = taken.local_addr().expect("its address").to_string();
+    for address in ["not-an-address", taken.as_str()] {
+        let output = Command::new(binary("warren-worker"))
+            .args(["--queue", "t-health-never", "--http", address])
+            .env_remove("WARREN_CONFIG")
+            .env("WARREN_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")
+            .env("NO_COLOR", "1")
+            .output()
+            .expect("running warren-worker");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(!output.status.success(), "{address}: {text}");
+        assert!(
+            text.contains(&format!("cannot listen on --http {address}")),
+            "{address}: {text}"
+        );
+    }
+}
