@@ -127,6 +127,8 @@ pub struct Call {
     pub attempt: u32,
     pub payload: Value,
     pub at: Instant,
+    /// The attempt's trace context ([`JobContext::trace`]).
+    pub trace: warren_core::trace::SpanIds,
 }
 
 /// Records every handler call, so tests can wait for and inspect them.
@@ -157,6 +159,7 @@ impl Recorder {
                     attempt: ctx.attempt,
                     payload,
                     at: Instant::now(),
+                    trace: ctx.trace,
                 };
                 let result = answer(&call);
                 recorder.push(call);
@@ -172,6 +175,7 @@ impl Recorder {
             attempt: ctx.attempt,
             payload,
             at: Instant::now(),
+            trace: ctx.trace,
         });
     }
 

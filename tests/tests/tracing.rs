@@ -1,0 +1,170 @@
+//! W3C trace context through a job's life (docs/PROTOCOL.md, "Trace context"): the submit span
+//! is a child of the caller's, the job's `traceparent` header is the submit span, and every
+//! attempt of the job — retries included — runs in a new span whose parent is the submit span.
+//! A producer's invalid `traceparent` is ignored and never copied. What the handler saw is
+//! recorded through the [`Recorder`] (`JobContext::trace`), never read from logs.
+
+use std::time::Duration;
+
+use lapin::BasicProperties;
+use lapin::options::BasicPublishOptions;
+use lapin::types::{AMQPValue, FieldTable};
+use serde_json::json;
+use warren_core::trace::{TRACEPARENT, TraceContext};
+use warren_core::{NewJob, envelope, topology};
+use warren_tests::*;
+use warren_workers::{JobError, Registry};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Given a caller's trace context, when a job submitted in it fails twice and succeeds on the
+/// third attempt, then the message's `traceparent` is a new span of the caller's trace (the
+/// submit span), and the three attempts share that trace id, each with a span id of its own,
+/// each a child of the submit span.
+#[tokio::test]
+async fn every_attempt_is_a_child_of_the_submit_span() {
+    let queue = unique_queue("trace");
+    let config = config(&[&queue]);
+    let dispatcher = dispatcher(&config).await;
+    let channel = connect().await.create_channel().await.expect("channel");
+    let caller = TraceContext::new_root();
+
+    let job = NewJob::new(&queue, "flaky", &json!({})).with_traceparent(caller);
+    let id = dispatcher.submit(job).await.expect("submitted");
+
+    // The message as the broker holds it, before any worker saw it: published again as is.
+    let message = take_messages(&channel, &queue, 1, DEADLINE).await.remove(0);
+    let submit = envelope::traceparent(&message.properties).expect("a valid traceparent");
+    assert_eq!(submit.trace_id(), caller.trace_id(), "the caller's trace");
+    assert_ne!(submit.span_id(), caller.span_id(), "a span of its own");
+    republish(&channel, &queue, &message).await;
+
+    let recorder = Recorder::new();
+    let mut registry = Registry::new();
+    recorder.handle(&mut registry, "flaky", |call| match call.attempt {
+        1 | 2 => Err(JobError::retry("not yet")),
+        _ => Ok(None),
+    });
+    let worker = start_worker(&config, registry, &[&queue]);
+    let calls = recorder.wait_for(3, DEADLINE).await;
+    worker.stop().await;
+
+    assert_eq!(
+        calls.iter().map(|c| c.attempt).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+    for call in &calls {
+        assert_eq!(call.id, id.0);
+        assert_eq!(
+            call.trace.trace_id(),
+            caller.trace_id(),
+            "attempt {}",
+            call.attempt
+        );
+        assert_eq!(
+            call.trace.parent_id(),
+            Some(submit.span_id()),
+            "attempt {}'s parent is the submit span",
+            call.attempt
+        );
+        assert_ne!(call.trace.span_id(), submit.span_id());
+        assert_ne!(call.trace.span_id(), caller.span_id());
+    }
+    let mut spans: Vec<_> = calls.iter().map(|c| c.trace.span_id()).collect();
+    spans.sort_by_key(|s| s.to_bytes());
+    spans.dedup();
+    assert_eq!(spans.len(), 3, "a new span id per attempt");
+    cleanup(&channel, &[&queue]).await;
+}
+
+/// Given no trace context from the caller, a submitted job starts a trace of its own: its
+/// header is valid, without a parent, and the handler's attempt is its child.
+#[tokio::test]
+async fn a_job_without_a_caller_trace_starts_one() {
+    let recorder = Recorder::new();
+    let mut registry = Registry::new();
+    recorder.handle(&mut registry, "echo", |_| Ok(None));
+    let stage = Stage::new("trace-root", registry).await;
+
+    stage.submit("echo", json!({})).await;
+
+    let calls = recorder.wait_for(1, DEADLINE).await;
+    let trace = calls[0].trace;
+    assert!(
+        trace.parent_id().is_some(),
+        "the attempt's parent: the submit span"
+    );
+    assert!(TraceContext::parse(&trace.context.to_string()).is_some());
+    stage.end().await;
+}
+
+/// Given a producer's job with an invalid `traceparent` (uppercase hex, which the W3C
+/// recommendation forbids), when it fails once, then again for good, then it still ran both
+/// times, each attempt in a fresh trace without a parent, and neither the retry nor the dead
+/// letter carries the invalid value.
+#[tokio::test]
+async fn an_invalid_traceparent_is_ignored_and_not_carried() {
+    let recorder = Recorder::new();
+    let mut registry = Registry::new();
+    recorder.handle(&mut registry, "fail", |_| Err(JobError::retry("nope")));
+    let stage = Stage::with("trace-bad", registry, |q| q.retry.max_attempts = 2).await;
+    let invalid = "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01";
+    let mut headers = FieldTable::default();
+    headers.insert(TRACEPARENT.into(), AMQPValue::LongString(invalid.into()));
+    let properties = BasicProperties::default()
+        .with_message_id("raw-bad-trace".into())
+        .with_type("fail".into())
+        .with_content_type("application/json".into())
+        .with_headers(headers);
+    publish(&stage.channel, &stage.queue, properties, b"{}").await;
+
+    let dead = stage.dead_letters(1).await;
+    let calls = recorder.wait_for(2, DEADLINE).await;
+    assert_eq!(calls.len(), 2, "the job ran, and was retried");
+    for call in &calls {
+        assert_eq!(
+            call.trace.parent_id(),
+            None,
+            "no parent from an invalid header"
+        );
+        assert_ne!(
+            call.trace.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+    }
+    assert_ne!(
+        calls[0].trace.trace_id(),
+        calls[1].trace.trace_id(),
+        "the retry carried no traceparent: its attempt started a trace of its own"
+    );
+    assert_eq!(
+        header(&dead[0], TRACEPARENT),
+        None,
+        "the dead letter carries no invalid traceparent"
+    );
+    assert_eq!(
+        header(&dead[0], envelope::ERROR_CLASS).as_deref(),
+        Some("exhausted")
+    );
+    stage.end().await;
+}
+
+/// A delivery published again to its queue, properties and body unchanged.
+async fn republish(channel: &lapin::Channel, queue: &str, message: &lapin::message::Delivery) {
+    publish(channel, queue, message.properties.clone(), &message.data).await;
+}
+
+async fn publish(channel: &lapin::Channel, queue: &str, properties: BasicProperties, body: &[u8]) {
+    channel
+        .basic_publish(
+            topology::JOBS_EXCHANGE.into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            body,
+            properties,
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("published");
+}
