@@ -149,6 +149,117 @@ async fn an_invalid_traceparent_is_ignored_and_not_carried() {
     stage.end().await;
 }
 
+/// Given a worker started with `WARREN_LOG_FORMAT=json` (the env form of `--log-format json`),
+/// when it runs a job that is done, one retried then done, one dead-lettered and one whose id
+/// is hostile text, then every line of its log is one JSON object, and each job's outcome line
+/// has its id, queue, kind, attempt, outcome, duration and trace id as fields (the retried
+/// job's two lines in one trace). This test reads the log because the log format is what it
+/// tests; the outcomes it waits for come from the worker's sink.
+#[tokio::test]
+async fn json_logs_are_one_object_per_line_with_the_job_fields() {
+    let queue = unique_queue("json-log");
+    let config = config(&[&queue]);
+    let dispatcher = dispatcher(&config).await;
+    let dir =
+        std::env::temp_dir().join(format!("warren-json-log-{}", uuid::Uuid::now_v7().simple()));
+    let sink = sink::Sink::new(&dir, "sink");
+    let spec = sink.env().into_iter().fold(
+        procs::WorkerSpec::new(
+            env!("CARGO_BIN_EXE_fault-worker"),
+            "worker",
+            &[&queue],
+            &dir,
+        )
+        .env(warren_core::config::AMQP_URL_ENV, broker_url())
+        .env("WARREN_LOG_FORMAT", "json"),
+        |spec, (key, path)| spec.env(key, path),
+    );
+    let mut worker = spec.spawn(0).expect("starting the worker");
+    worker
+        .wait_started(DEADLINE)
+        .await
+        .expect("the worker consumes");
+
+    let hostile = "evil\"}{\u{1b}[31m";
+    let jobs = [
+        NewJob::new(&queue, "echo", &json!({})).with_id("json-echo"),
+        NewJob::new(&queue, "flaky", &json!({"times": 1})).with_id("json-flaky"),
+        NewJob::new(&queue, "fail", &json!({})).with_id("json-fail"),
+        NewJob::new(&queue, "echo", &json!({})).with_id(hostile),
+    ];
+    for job in jobs {
+        dispatcher.submit(job).await.expect("submitted");
+    }
+    let until = std::time::Instant::now() + DEADLINE;
+    while sink.settlements().len() < 5 {
+        assert!(
+            std::time::Instant::now() < until,
+            "5 outcomes: {:?}",
+            sink.settlements()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    worker.signal("TERM").expect("stopping the worker");
+    worker.wait_exit(DEADLINE).await.expect("the worker stops");
+
+    let log = std::fs::read_to_string(&worker.log).expect("the log");
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|line| !line.is_empty())
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|err| panic!("{err}: {line:?}")))
+        .collect();
+    assert!(lines.iter().all(serde_json::Value::is_object));
+    let outcomes = |id: &str| -> Vec<&serde_json::Value> {
+        lines
+            .iter()
+            .filter(|l| l["job_id"] == id && l.get("outcome").is_some())
+            .collect()
+    };
+    let expect = [
+        ("json-echo", "echo", vec![(1, "done")]),
+        ("json-flaky", "flaky", vec![(1, "retried"), (2, "done")]),
+        ("json-fail", "fail", vec![(1, "dead_lettered")]),
+        (hostile, "echo", vec![(1, "done")]),
+    ];
+    for (id, kind, attempts) in expect {
+        let found = outcomes(id);
+        let seen: Vec<(u64, &str)> = found
+            .iter()
+            .map(|l| {
+                (
+                    l["attempt"].as_u64().unwrap_or(0),
+                    l["outcome"].as_str().unwrap_or(""),
+                )
+            })
+            .collect();
+        assert_eq!(seen, attempts, "{id}: {found:?}");
+        for line in &found {
+            assert_eq!(line["queue"], queue.as_str());
+            assert_eq!(line["kind"], kind);
+            assert_eq!(line["level"], "INFO");
+            assert!(line["duration_us"].is_u64(), "{line}");
+            let trace_id = line["trace_id"].as_str().unwrap_or_default();
+            assert_eq!(trace_id.len(), 32, "{line}");
+            assert!(
+                trace_id
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            );
+            assert_eq!(
+                found[0]["trace_id"], line["trace_id"],
+                "one trace for every attempt"
+            );
+            assert_ne!(found[0]["span_id"], serde_json::Value::Null);
+        }
+    }
+    cleanup(
+        &dispatcher.open_channel().await.expect("channel"),
+        &[&queue],
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A delivery published again to its queue, properties and body unchanged.
 async fn republish(channel: &lapin::Channel, queue: &str, message: &lapin::message::Delivery) {
     publish(channel, queue, message.properties.clone(), &message.data).await;
