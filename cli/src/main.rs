@@ -25,10 +25,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
 use warren_core::Config;
 use warren_dispatcher::Dispatcher;
+use warren_workers::telemetry::{self, LogFormat};
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +41,15 @@ struct Args {
     /// Config file (default: $WARREN_CONFIG, else config/warren.toml if present).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// Log lines (on standard error) as text, or as one JSON object per line.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "WARREN_LOG_FORMAT",
+        default_value_t = LogFormat::Text
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -81,18 +89,14 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_log_filter(&args.command).into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(output::colour_on_stderr())
-        .finish()
-        .with(tracing_subscriber::filter::filter_fn(|event| {
-            warren_core::secret::safe_to_log(event.target(), *event.level())
-        }))
-        .init();
+    // Kept until the end of main: dropping it exports the last spans (feature `otel`).
+    let _telemetry = telemetry::init(telemetry::Options {
+        format: args.log_format,
+        default_filter: default_log_filter(&args.command),
+        ansi: output::colour_on_stderr(),
+        writer: std::io::stderr,
+        service_name: "warren",
+    });
     match run(args).await {
         Ok(code) => code,
         Err(err) => {
