@@ -42,6 +42,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::set_header::SetResponseHeaderLayer;
 use warren_core::config::{Config, HttpScope};
+use warren_core::metrics::Metrics;
+use warren_core::probes::{self, Readiness};
 use warren_dispatcher::management::{Management, ManagementError};
 use warren_dispatcher::waiter::{Waiter, WaiterSettings};
 use warren_dispatcher::{Dispatcher, DispatcherError};
@@ -60,6 +62,13 @@ pub struct AppState {
     tokens: Arc<Tokens>,
     /// The OpenAPI document, generated once.
     openapi: String,
+    // ── Health and metrics (helper B) ──
+    /// `/metrics`: the dispatcher's submits and connection, and every request's route, status
+    /// and duration.
+    pub metrics: Arc<Metrics>,
+    /// `/readyz`: the dispatcher (ready while its connection to RabbitMQ is open).
+    readiness: Arc<dyn Readiness>,
+    // ── end ──
 }
 
 /// Why the service could not be set up.
@@ -88,13 +97,24 @@ impl AppState {
         config: &Config,
         dispatcher: Dispatcher,
     ) -> Result<AppState, ServiceError> {
+        // Health and metrics (helper B): the dispatcher's metrics, made here if it has none.
+        let (dispatcher, metrics) = match dispatcher.metrics().cloned() {
+            Some(metrics) => (dispatcher, metrics),
+            None => {
+                let metrics = Metrics::new();
+                (dispatcher.with_metrics(metrics.clone()), metrics)
+            }
+        };
         let dispatcher = Arc::new(dispatcher);
+        let readiness: Arc<dyn Readiness> = dispatcher.clone();
         Ok(AppState {
             waiter: Waiter::new(dispatcher, WaiterSettings::default()),
             management: Management::new(config)?,
             config: config.clone(),
             tokens: Arc::new(Tokens::new(&config.http)),
             openapi: openapi::document(),
+            metrics,
+            readiness,
         })
     }
 
@@ -168,8 +188,17 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(api)
         .merge(public)
-        // ── Health and metrics (helper B): merge `/healthz`, `/readyz` and `/metrics` here,
-        // e.g. `.merge(warren_core::probes::router(...))`; they take no token. ──
+        // ── Health and metrics (helper B): `/healthz`, `/readyz` and `/metrics` take no token;
+        // every request is counted by its matched route (never the raw path) and status. ──
+        .merge(probes::router(
+            Arc::clone(&state.metrics),
+            Arc::clone(&state.readiness),
+        ))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state.metrics),
+            probes::track_requests,
+        ))
+        // ── end ──
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn(access_log))
@@ -230,7 +259,7 @@ async fn access_log(request: Request, next: Next) -> Response {
         method = %method,
         path = %path,
         status = response.status().as_u16(),
-        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        duration_ms = (started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
         token = caller.map_or("-", |c| &*c.name),
         scope = caller.map_or("-", |c| c.scope.as_str()),
         "request"
