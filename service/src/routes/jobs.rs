@@ -13,6 +13,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use warren_core::envelope::NewJob;
+use warren_core::trace::{self, TraceContext};
 
 use crate::AppState;
 use crate::body::JsonBody;
@@ -110,10 +111,33 @@ pub async fn submit(
     Ok((StatusCode::ACCEPTED, Json(Accepted { id: id.0 })))
 }
 
-/// What a job takes from its HTTP request besides the body (the place for a `traceparent`
-/// header, for one).
-fn with_request_context(job: NewJob, _headers: &HeaderMap) -> NewJob {
-    job
+/// What a job takes from its HTTP request besides the body: the caller's W3C trace context.
+/// The job's submit span becomes a child of the request's `traceparent` (for a batch, each
+/// job's), and a valid `tracestate` goes with it. A missing, repeated or invalid `traceparent`
+/// is ignored, as the W3C recommendation asks: the job starts a trace of its own (and then
+/// the `tracestate` is ignored too).
+fn with_request_context(job: NewJob, headers: &HeaderMap) -> NewJob {
+    let single = |name: &str| {
+        let mut values = headers.get_all(name).iter();
+        match (values.next(), values.next()) {
+            (Some(value), None) => value.to_str().ok(),
+            _ => None,
+        }
+    };
+    let Some(parent) = single(trace::TRACEPARENT).and_then(TraceContext::parse) else {
+        return job;
+    };
+    let job = job.with_traceparent(parent);
+    // Repeated tracestate headers are one list (RFC 9110 field lines), joined with commas.
+    let states: Vec<&str> = headers
+        .get_all(trace::TRACESTATE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .collect();
+    match states.is_empty() {
+        true => job,
+        false => job.with_tracestate(states.join(",")),
+    }
 }
 
 /// The outcome of one item of a batch.
