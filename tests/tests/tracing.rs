@@ -10,8 +10,9 @@ use lapin::BasicProperties;
 use lapin::options::BasicPublishOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::json;
-use warren_core::trace::{TRACEPARENT, TraceContext};
+use warren_core::trace::{TRACEPARENT, TRACESTATE, TraceContext};
 use warren_core::{NewJob, envelope, topology};
+use warren_tests::http::{Serve, client, serve_config};
 use warren_tests::*;
 use warren_workers::{JobError, Registry};
 
@@ -26,18 +27,72 @@ async fn every_attempt_is_a_child_of_the_submit_span() {
     let queue = unique_queue("trace");
     let config = config(&[&queue]);
     let dispatcher = dispatcher(&config).await;
-    let channel = connect().await.create_channel().await.expect("channel");
     let caller = TraceContext::new_root();
 
     let job = NewJob::new(&queue, "flaky", &json!({})).with_traceparent(caller);
     let id = dispatcher.submit(job).await.expect("submitted");
 
+    follow_through_retries(&config, &queue, &id.0, &caller).await;
+}
+
+/// The same over HTTP: `POST /v1/queues/{queue}/jobs` with a `traceparent` header (and a
+/// `tracestate`, which the job carries), then a worker that fails it twice.
+#[tokio::test]
+async fn a_traceparent_is_followed_from_an_http_submit_through_retries() {
+    let queue = unique_queue("trace-http");
+    let config = config(&[&queue]);
+    let _declared = dispatcher(&config).await;
+    let token = "trace-submit-token-0123456789abcdef";
+    let serve = Serve::builder(&serve_config(
+        &[&queue],
+        &[("tracer", token, "submit")],
+        "",
+        "",
+    ))
+    .start()
+    .await;
+    let caller = TraceContext::new_root();
+
+    let response = client(None)
+        .post(serve.url(&format!("/v1/queues/{queue}/jobs")))
+        .bearer_auth(token)
+        .header("traceparent", caller.to_string())
+        .header("tracestate", "vendor=opaque-1")
+        .json(&json!({"kind": "flaky", "payload": {}}))
+        .send()
+        .await
+        .expect("the request");
+    assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED);
+    let body: serde_json::Value = response.json().await.expect("JSON");
+    let id = body["id"].as_str().expect("the job id").to_owned();
+
+    let message = follow_through_retries(&config, &queue, &id, &caller).await;
+    assert_eq!(
+        header(&message, TRACESTATE).as_deref(),
+        Some("vendor=opaque-1")
+    );
+}
+
+/// Takes job `id` off `queue` to read its `traceparent` (the submit span: a child of
+/// `caller`), publishes it again unchanged, runs it in a worker that fails attempts 1 and 2,
+/// and checks every attempt's trace context against the submit span. Returns the message.
+async fn follow_through_retries(
+    config: &warren_core::Config,
+    queue: &str,
+    id: &str,
+    caller: &TraceContext,
+) -> lapin::message::Delivery {
+    let channel = connect().await.create_channel().await.expect("channel");
     // The message as the broker holds it, before any worker saw it: published again as is.
-    let message = take_messages(&channel, &queue, 1, DEADLINE).await.remove(0);
+    let message = take_messages(&channel, queue, 1, DEADLINE).await.remove(0);
+    assert_eq!(
+        message.properties.message_id().as_ref().map(|m| m.as_str()),
+        Some(id)
+    );
     let submit = envelope::traceparent(&message.properties).expect("a valid traceparent");
     assert_eq!(submit.trace_id(), caller.trace_id(), "the caller's trace");
     assert_ne!(submit.span_id(), caller.span_id(), "a span of its own");
-    republish(&channel, &queue, &message).await;
+    republish(&channel, queue, &message).await;
 
     let recorder = Recorder::new();
     let mut registry = Registry::new();
@@ -45,7 +100,7 @@ async fn every_attempt_is_a_child_of_the_submit_span() {
         1 | 2 => Err(JobError::retry("not yet")),
         _ => Ok(None),
     });
-    let worker = start_worker(&config, registry, &[&queue]);
+    let worker = start_worker(config, registry, &[queue]);
     let calls = recorder.wait_for(3, DEADLINE).await;
     worker.stop().await;
 
@@ -54,7 +109,7 @@ async fn every_attempt_is_a_child_of_the_submit_span() {
         [1, 2, 3]
     );
     for call in &calls {
-        assert_eq!(call.id, id.0);
+        assert_eq!(call.id, id);
         assert_eq!(
             call.trace.trace_id(),
             caller.trace_id(),
@@ -74,7 +129,8 @@ async fn every_attempt_is_a_child_of_the_submit_span() {
     spans.sort_by_key(|s| s.to_bytes());
     spans.dedup();
     assert_eq!(spans.len(), 3, "a new span id per attempt");
-    cleanup(&channel, &[&queue]).await;
+    cleanup(&channel, &[queue]).await;
+    message
 }
 
 /// Given no trace context from the caller, a submitted job starts a trace of its own: its
