@@ -341,6 +341,11 @@ impl Dispatcher {
         self
     }
 
+    /// The metrics given to [`Dispatcher::with_metrics`], if any.
+    pub fn metrics(&self) -> Option<&Arc<Metrics>> {
+        self.links.metrics()
+    }
+
     /// Whether the dispatcher's connection (and its confirm channel) is open now; answers at
     /// once, never waits for the broker.
     pub fn is_connected(&self) -> bool {

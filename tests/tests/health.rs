@@ -1,4 +1,4 @@
-//! The health probes of a worker process: `/healthz` while it lives, `/readyz` flipping to 503
+//! The health probes of a worker process and of `warren serve`: `/healthz` while it lives, `/readyz` flipping to 503
 //! while the broker is away and back to 200 once it consumes again; a bad `--http` address
 //! stops the worker at once.
 //!
@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use warren_tests::http::Serve;
 use warren_tests::probe::{self, Scrape};
 use warren_tests::{binary, broker_url, cleanup, config, connect, dispatcher, procs, unique_queue};
 
@@ -195,4 +196,78 @@ fn a_bad_http_address_is_a_clear_error() {
             "{address}: {text}"
         );
     }
+}
+
+/// The port of a running `warren serve`.
+fn serve_port(serve: &Serve) -> u16 {
+    let address = serve.address();
+    let port = address.rsplit_once(':').map_or(address, |(_, port)| port);
+    port.parse().expect("warren serve's port")
+}
+
+/// `warren serve` with its broker at a port nothing listens on: alive (`/healthz` 200), not
+/// ready (`/readyz` 503, at once: the probe never waits for the broker, and [`probe::get`]
+/// gives up after 5 s), and it stays so.
+#[tokio::test]
+async fn serve_is_alive_but_not_ready_without_a_broker() {
+    let closed = probe::free_port();
+    let config = format!("[broker]\nurl = \"amqp://guest:guest@127.0.0.1:{closed}/%2f\"\n");
+    let serve = Serve::builder(&config).start().await;
+    let port = serve_port(&serve);
+    for _ in 0..4 {
+        let ready = probe::get(port, "/readyz").await.expect("/readyz answers");
+        assert_eq!(ready.status, 503, "{ready:?}\n{}", serve.stderr());
+        assert!(ready.body.contains("not connected"), "{ready:?}");
+        assert_probe_headers(&ready);
+        let alive = probe::get(port, "/healthz")
+            .await
+            .expect("/healthz answers");
+        assert_eq!(alive.status, 200);
+        assert_probe_headers(&alive);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    let scrape = Scrape::fetch(port).await;
+    assert_eq!(
+        scrape.value("warren_connected", &[("connection", "dispatcher")]),
+        0.0
+    );
+}
+
+/// `warren serve` with the broker: ready once its dispatcher is connected (the first probe
+/// starts the connection: the dispatcher connects lazily), and its `/metrics` counts the
+/// requests by route and status.
+#[tokio::test]
+async fn serve_is_ready_with_the_broker_and_counts_requests() {
+    let config = format!("[broker]\nurl = \"{}\"\n", broker_url());
+    let serve = Serve::builder(&config).start().await;
+    let port = serve_port(&serve);
+    let ready = probe::wait_for_status(port, "/readyz", 200, Duration::from_secs(20)).await;
+    let ready = ready.expect("/readyz answers");
+    assert_eq!(ready.status, 200, "{ready:?}\n{}", serve.stderr());
+    assert_probe_headers(&ready);
+    let scrape = Scrape::fetch(port).await;
+    assert_eq!(
+        scrape.value("warren_connected", &[("connection", "dispatcher")]),
+        1.0
+    );
+    assert!(
+        scrape.value(
+            "warren_http_requests_total",
+            &[("route", "/readyz"), ("status", "200")]
+        ) >= 1.0
+    );
+    assert!(
+        scrape.histogram_count(
+            "warren_http_request_duration_seconds",
+            &[("route", "/readyz")]
+        ) >= 1.0
+    );
+    // A path of the API's own is counted by its template, never the raw path.
+    // (Read from the text: prometheus-parse cannot take the braces of a route template in a
+    // label value.)
+    let _ = probe::get(port, "/v1/queues/some-queue/dead").await;
+    let text = probe::get(port, "/metrics").await.expect("/metrics").body;
+    let line = "warren_http_requests_total{route=\"/v1/queues/{queue}/dead\",status=\"401\"} 1";
+    assert!(text.lines().any(|l| l == line), "{text}");
+    assert!(!text.contains("some-queue"), "{text}");
 }
