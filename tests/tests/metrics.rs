@@ -57,9 +57,7 @@ async fn metrics_count_a_run_of_1000_jobs_exactly() {
     jobs.extend((0..ECHO).map(|i| NewJob::new(&queue, "echo", &json!({ "i": i }))));
     jobs.extend((0..FLAKY).map(|_| NewJob::new(&queue, "fail", &json!({ "times": 1 }))));
     jobs.extend((0..PERMANENT).map(|_| NewJob::new(&queue, "fail", &json!({ "permanent": true }))));
-    jobs.extend(
-        (0..UNKNOWN).map(|i| NewJob::new(&queue, format!("no-such-kind-{i}"), &json!({}))),
-    );
+    jobs.extend((0..UNKNOWN).map(|i| NewJob::new(&queue, format!("no-such-kind-{i}"), &json!({}))));
     let submitted = futures::StreamExt::collect::<Vec<_>>(dispatcher.submit_all(jobs)).await;
     assert!(submitted.iter().all(Result::is_ok), "every job submitted");
 
