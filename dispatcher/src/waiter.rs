@@ -126,6 +126,12 @@ impl Waiter {
         }
     }
 
+    /// Opens the connection and the reply channel if they are not open (what the first
+    /// submit would do), so that a caller can bound how long that may take.
+    pub async fn connect(&self) -> Result<(), LinkError> {
+        self.reply_channel().await.map(|_| ())
+    }
+
     /// Waits up to `timeout` for the outcome of job `id`.
     pub async fn wait(&self, id: &str, timeout: Duration) -> Waited {
         let Some(mut outcome) = self.lock().watch(id) else {

@@ -51,6 +51,9 @@ use warren_dispatcher::{Dispatcher, DispatcherError};
 use crate::auth::{Caller, Tokens};
 use crate::problem::Problem;
 
+/// The longest a request waits for a connection to RabbitMQ before it is answered 503.
+pub const CONNECT_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// What every handler shares.
 pub struct AppState {
     /// Submits jobs (with a reply address) and hands out their outcomes; its dispatcher runs
@@ -121,6 +124,25 @@ impl AppState {
     /// How many tokens may call the API (none: every `/v1` request is refused).
     pub fn token_count(&self) -> usize {
         self.tokens.len()
+    }
+
+    /// Ok when connected to RabbitMQ, or once connected within [`CONNECT_WAIT`] (at most
+    /// `broker.connect_timeout`); else 503 with `Retry-After`. So that while the broker is
+    /// away no request waits longer than that for a connection, however many queue up.
+    pub async fn connected(&self) -> Result<(), Problem> {
+        let dispatcher = self.waiter.dispatcher();
+        if dispatcher.is_connected() {
+            return Ok(());
+        }
+        let wait = CONNECT_WAIT.min(self.config.broker.connect_timeout);
+        match tokio::time::timeout(wait, self.waiter.connect()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => {
+                tracing::warn!(error = %warren_core::error_chain(&err), "cannot reach RabbitMQ");
+                Err(Problem::unavailable(problem::BROKER_AWAY))
+            }
+            Err(_) => Err(Problem::unavailable(problem::BROKER_AWAY)),
+        }
     }
 
     /// 404 unless `queue` is a queue of the config.

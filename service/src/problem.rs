@@ -199,3 +199,51 @@ pub fn query_problem(rejection: &axum::extract::rejection::QueryRejection) -> Pr
         None => problem,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use warren_core::envelope::EncodeError;
+
+    use super::*;
+
+    #[test]
+    fn submit_errors_map_to_the_client_or_the_broker() {
+        let blocked = Problem::from_submit(&SubmitError::Blocked(Duration::from_secs(30)));
+        assert_eq!(blocked.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(blocked.retry_after, Some(RETRY_AFTER_UNAVAILABLE));
+        let response = blocked.into_response();
+        assert!(response.headers().contains_key(header::RETRY_AFTER));
+
+        let too_large = Problem::from_submit(&SubmitError::Invalid(EncodeError::TooLarge {
+            size: 10,
+            limit: 5,
+        }));
+        assert_eq!(too_large.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(too_large.body.field.as_deref(), Some("payload"));
+        let delay = Problem::from_submit(&SubmitError::Invalid(EncodeError::DelayTooLong(
+            Duration::from_secs(u64::MAX / 4),
+        )));
+        assert_eq!(delay.status, StatusCode::BAD_REQUEST);
+        assert_eq!(delay.body.field.as_deref(), Some("delay"));
+        let unknown = Problem::from_submit(&SubmitError::UnknownQueue("q".into()));
+        assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+        let no_topology = Problem::from_submit(&SubmitError::NoTopology);
+        assert_eq!(no_topology.status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn a_401_challenges_and_the_body_is_json() {
+        let response = Problem::unauthorized("no token").into_response();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            response.headers().get(header::WWW_AUTHENTICATE),
+            Some(&HeaderValue::from_static("Bearer realm=\"warren\""))
+        );
+        assert_eq!(
+            response.headers().get(header::CONTENT_TYPE),
+            Some(&HeaderValue::from_static("application/json"))
+        );
+    }
+}

@@ -88,6 +88,7 @@ pub async fn list(
         class: query.class,
         ..Filter::default()
     };
+    state.connected().await?;
     let mut records = Vec::new();
     let summary = dlq::list(
         state.waiter.dispatcher(),
@@ -130,6 +131,7 @@ pub async fn show(
     Path((queue, id)): Path<(String, String)>,
 ) -> Result<Json<DeadJob>, Problem> {
     state.check_queue(&queue)?;
+    state.connected().await?;
     let found = dlq::show(state.waiter.dispatcher(), &queue, &id)
         .await
         .map_err(|err| Problem::from_dlq(&err))?;
@@ -226,6 +228,7 @@ pub async fn replay(
         limit: request.limit,
         rate: request.rate,
     };
+    state.connected().await?;
     let summary = dlq::replay(state.waiter.dispatcher(), &queue, &options, |_| {})
         .await
         .map_err(|err| Problem::from_dlq(&err))?;
@@ -302,6 +305,7 @@ pub async fn purge(
         class: request.class,
         failed_before,
     };
+    state.connected().await?;
     let summary = dlq::purge(state.waiter.dispatcher(), &queue, &filter, |_| {})
         .await
         .map_err(|err| Problem::from_dlq(&err))?;

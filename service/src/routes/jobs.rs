@@ -103,6 +103,7 @@ pub async fn submit(
     state.check_queue(&queue)?;
     let job = request.into_job(&queue)?;
     let job = with_request_context(job, &headers);
+    state.connected().await?;
     let id = state
         .waiter
         .submit(job)
@@ -189,6 +190,7 @@ pub const MAX_BATCH: usize = 10_000;
         (status = 413, description = "The body is too large", body = ProblemBody),
         (status = 415, description = "The body is not `application/json`", body = ProblemBody),
         (status = 429, description = "Too many requests for this token (`Retry-After`)", body = ProblemBody),
+        (status = 503, description = "RabbitMQ unreachable: nothing submitted (`Retry-After`)", body = ProblemBody),
     ),
     security(("bearer" = []))
 )]
@@ -218,6 +220,7 @@ pub async fn batch(
             .map_err(|p| p.at(format!("[{i}].delay")))?;
         jobs.push(with_request_context(job, &headers));
     }
+    state.connected().await?;
     let window = state.config.dispatcher.max_in_flight.max(1);
     let waiter = &state.waiter;
     let results: Vec<ItemResult> = futures::stream::iter(jobs)

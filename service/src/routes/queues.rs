@@ -28,7 +28,11 @@ use crate::problem::{Problem, ProblemBody};
 )]
 pub async fn list(State(state): State<Arc<AppState>>) -> Result<Json<Status>, Problem> {
     let queues: Vec<String> = state.config.queues.keys().cloned().collect();
-    let status = status::collect(Ok(state.waiter.dispatcher()), &state.management, &queues).await;
+    let amqp = match state.connected().await {
+        Ok(()) => Ok(state.waiter.dispatcher()),
+        Err(problem) => Err(problem.body.error),
+    };
+    let status = status::collect(amqp, &state.management, &queues).await;
     if !status.amqp.reachable && !status.management.reachable {
         return Err(Problem::unavailable(
             "neither RabbitMQ nor its management API answered",
