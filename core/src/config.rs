@@ -1295,6 +1295,19 @@ mod tests {
     }
 
     #[test]
+    fn the_worker_http_address_comes_from_the_file_or_the_environment() {
+        assert_eq!(Config::default().worker.http, None, "off unless given");
+        let mut config = Config::from_toml("[worker]\nhttp = \"0.0.0.0:9090\"\n").expect("valid");
+        assert_eq!(config.worker.http.as_deref(), Some("0.0.0.0:9090"));
+        config.apply_env(env(&[(WORKER_HTTP_ENV, " 127.0.0.1:9191 ")]));
+        assert_eq!(config.worker.http.as_deref(), Some("127.0.0.1:9191"));
+        assert_eq!(
+            config.origin_of("worker.http"),
+            ConfigSource::Env(WORKER_HTTP_ENV)
+        );
+    }
+
+    #[test]
     fn the_url_from_the_environment_is_one_url_even_with_a_comma() {
         let mut config = Config::default();
         config.apply_env(env(&[(
