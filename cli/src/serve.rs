@@ -63,7 +63,7 @@ pub async fn run(config: &Config, args: Args) -> anyhow::Result<ExitCode> {
     let bound = listener.local_addr().context("the listening address")?;
     let scheme = if tls.is_some() { "https" } else { "http" };
     eprintln!("warren serve: listening on {scheme}://{bound}");
-    let shutdown = CancellationToken::new();
+    let shutdown = state.shutdown_token();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     let router = warren_service::router(Arc::new(state));
     warren_service::serve(listener, router, tls, shutdown)

@@ -65,6 +65,9 @@ pub struct AppState {
     tokens: Arc<Tokens>,
     /// The OpenAPI document, generated once.
     openapi: String,
+    /// Cancelled when the server stops ([`AppState::shutdown_token`]): waits in flight answer
+    /// `pending` at once rather than hold the shutdown up to their timeout.
+    stopping: CancellationToken,
     // ── Health and metrics (helper B) ──
     /// `/metrics`: the dispatcher's submits and connection, and every request's route, status
     /// and duration.
@@ -116,9 +119,21 @@ impl AppState {
             config: config.clone(),
             tokens: Arc::new(Tokens::new(&config.http)),
             openapi: openapi::document(),
+            stopping: CancellationToken::new(),
             metrics,
             readiness,
         })
+    }
+
+    /// The token that stops the server: give it to [`serve`]. Cancelling it also ends the
+    /// waits in flight (they answer `pending`).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.stopping.clone()
+    }
+
+    /// Resolves when the server is stopping.
+    pub async fn stopping(&self) {
+        self.stopping.cancelled().await;
     }
 
     /// How many tokens may call the API (none: every `/v1` request is refused).

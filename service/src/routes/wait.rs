@@ -68,7 +68,12 @@ pub async fn wait(
         Some(text) => parse_timeout(text)?,
         None => DEFAULT_WAIT,
     };
-    match state.waiter.wait(&id, timeout).await {
+    let waited = tokio::select! {
+        waited = state.waiter.wait(&id, timeout) => waited,
+        // The server is stopping: answer with what is known now, rather than hold it up.
+        () = state.stopping() => state.waiter.wait(&id, Duration::ZERO).await,
+    };
+    match waited {
         Waited::Outcome(reply) => Ok(Json(reply).into_response()),
         Waited::Pending => Ok((
             StatusCode::ACCEPTED,
