@@ -271,3 +271,66 @@ async fn serve_is_ready_with_the_broker_and_counts_requests() {
     assert!(text.lines().any(|l| l == line), "{text}");
     assert!(!text.contains("some-queue"), "{text}");
 }
+
+/// A queue whose consumer the broker cancels (the queue deleted) makes the worker not ready
+/// until it consumes that queue again (declared anew), while its other queue goes on.
+#[tokio::test]
+async fn readiness_needs_a_consumer_on_every_queue() {
+    let (kept, deleted) = (unique_queue("health-kept"), unique_queue("health-gone"));
+    let dispatcher = dispatcher(&config(&[&kept, &deleted])).await;
+    let port = probe::free_port();
+    let dir = std::env::temp_dir().join(format!("warren-{deleted}"));
+    let mut worker =
+        procs::WorkerSpec::new(binary("warren-worker"), "worker", &[&kept, &deleted], &dir)
+            .env("WARREN_AMQP_URL", broker_url())
+            .env("WARREN_WORKER_HTTP", format!("127.0.0.1:{port}"))
+            .spawn(0)
+            .expect("starting warren-worker");
+    worker
+        .wait_started(Duration::from_secs(30))
+        .await
+        .expect("the worker consumes");
+    let ready = probe::wait_for_status(port, "/readyz", 200, Duration::from_secs(10)).await;
+    assert_eq!(ready.map(|r| r.status), Some(200), "{}", worker.log_tail());
+
+    let channel = connect().await.create_channel().await.expect("channel");
+    channel
+        .queue_delete(deleted.as_str().into(), Default::default())
+        .await
+        .expect("deleting the queue");
+    // The broker cancels the consumer (or, rarely on 3.10, the watchdog finds it gone).
+    let gone = probe::wait_for_status(port, "/readyz", 503, Duration::from_secs(30)).await;
+    let gone = gone.expect("/readyz answers");
+    assert_eq!(gone.status, 503, "{gone:?}\n{}", worker.log_tail());
+    assert!(
+        gone.body.contains(&deleted),
+        "the reason names the queue: {gone:?}"
+    );
+    assert!(!gone.body.contains(&kept), "{gone:?}");
+    let alive = probe::get(port, "/healthz")
+        .await
+        .expect("/healthz answers");
+    assert_eq!(alive.status, 200);
+
+    dispatcher
+        .apply_topology(std::slice::from_ref(&deleted))
+        .await
+        .expect("declaring the queue again");
+    let back = probe::wait_for_status(port, "/readyz", 200, Duration::from_secs(30)).await;
+    let back = back.expect("/readyz answers");
+    assert_eq!(back.status, 200, "{back:?}\n{}", worker.log_tail());
+    let scrape = Scrape::fetch(port).await;
+    assert!(
+        scrape.value("warren_consumer_cancels_total", &[("queue", &deleted)]) >= 1.0,
+        "the cancel is counted"
+    );
+    assert_eq!(
+        scrape.value("warren_consumer_cancels_total", &[("queue", &kept)]),
+        0.0
+    );
+
+    worker.terminate(Duration::from_secs(20)).await;
+    cleanup(&channel, &[&kept, &deleted]).await;
+    dispatcher.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
