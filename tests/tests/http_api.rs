@@ -326,6 +326,18 @@ async fn client_mistakes_get_4xx_naming_the_field() {
     .await;
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     assert_eq!(json_of(response).await["field"], "timeout");
+    // A path parameter that is not UTF-8: 400 naming it, as JSON.
+    let response = call(
+        &http,
+        &serve,
+        "GET",
+        "/v1/jobs/%FF%FE/wait",
+        Some(READ),
+        None,
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(json_of(response).await["field"], "id");
     // A purge needs a filter or "all": true.
     let response = post(format!("/v1/queues/{queue}/dead:purge"), "{}").await;
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -19,6 +19,7 @@ use warren_dispatcher::dlq::{
 use crate::AppState;
 use crate::body::JsonBody;
 use crate::problem::{Problem, ProblemBody, query_problem};
+use crate::routes::PathParams;
 
 /// The most dead letters one list answers with.
 pub const MAX_LIST: u64 = 10_000;
@@ -71,7 +72,7 @@ pub struct DeadList {
 )]
 pub async fn list(
     State(state): State<Arc<AppState>>,
-    Path(queue): Path<String>,
+    PathParams(queue): PathParams<String>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<DeadList>, Problem> {
     let Query(query) = query.map_err(|r| query_problem(&r))?;
@@ -128,7 +129,7 @@ pub async fn list(
 )]
 pub async fn show(
     State(state): State<Arc<AppState>>,
-    Path((queue, id)): Path<(String, String)>,
+    PathParams((queue, id)): PathParams<(String, String)>,
 ) -> Result<Json<DeadJob>, Problem> {
     state.check_queue(&queue)?;
     state.connected().await?;
@@ -193,7 +194,7 @@ pub struct ReplayRequest {
 )]
 pub async fn replay(
     State(state): State<Arc<AppState>>,
-    Path(queue): Path<String>,
+    PathParams(queue): PathParams<String>,
     JsonBody(request): JsonBody<ReplayRequest>,
 ) -> Result<Json<ReplaySummary>, Problem> {
     state.check_queue(&queue)?;
@@ -281,7 +282,7 @@ pub struct PurgeRequest {
 )]
 pub async fn purge(
     State(state): State<Arc<AppState>>,
-    Path(queue): Path<String>,
+    PathParams(queue): PathParams<String>,
     JsonBody(request): JsonBody<PurgeRequest>,
 ) -> Result<Json<PurgeSummary>, Problem> {
     state.check_queue(&queue)?;

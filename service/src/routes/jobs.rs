@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -18,6 +18,7 @@ use warren_core::trace::{self, TraceContext};
 use crate::AppState;
 use crate::body::JsonBody;
 use crate::problem::{Problem, ProblemBody};
+use crate::routes::PathParams;
 
 /// One job to submit.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -96,7 +97,7 @@ pub struct Accepted {
 )]
 pub async fn submit(
     State(state): State<Arc<AppState>>,
-    Path(queue): Path<String>,
+    PathParams(queue): PathParams<String>,
     headers: HeaderMap,
     JsonBody(request): JsonBody<JobRequest>,
 ) -> Result<(StatusCode, Json<Accepted>), Problem> {
@@ -196,7 +197,7 @@ pub const MAX_BATCH: usize = 10_000;
 )]
 pub async fn batch(
     State(state): State<Arc<AppState>>,
-    Path(queue): Path<String>,
+    PathParams(queue): PathParams<String>,
     headers: HeaderMap,
     JsonBody(requests): JsonBody<Vec<JobRequest>>,
 ) -> Result<(StatusCode, Json<BatchResult>), Problem> {

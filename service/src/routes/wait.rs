@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -15,6 +15,7 @@ use warren_dispatcher::waiter::Waited;
 
 use crate::AppState;
 use crate::problem::{Problem, ProblemBody};
+use crate::routes::PathParams;
 
 /// The longest a wait may last.
 pub const MAX_WAIT: Duration = Duration::from_secs(300);
@@ -60,7 +61,7 @@ pub struct Pending {
 )]
 pub async fn wait(
     State(state): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
     query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Problem> {
     let Query(query) = query.map_err(|r| crate::problem::query_problem(&r))?;
