@@ -433,6 +433,10 @@ impl Process {
 
     /// Graceful stop: no new deliveries, running jobs get `shutdown_grace` to finish and ack.
     async fn drain(&self, consumers: &[(Channel, String)]) {
+        // Stopping: not ready from now on, so that a load balancer or orchestrator looks away.
+        if let Some(health) = &self.health {
+            health.set_all(false);
+        }
         tracing::info!(
             "stopping: no new jobs; waiting for {} running job(s)",
             self.tracker.len()
