@@ -1530,4 +1530,44 @@ mod tests {
         let err = config.validate().expect_err("too long");
         assert!(err.to_string().contains("retry.max_delay"), "{err}");
     }
+
+    #[test]
+    fn the_http_section_is_checked_and_named() {
+        let config = Config::from_toml(
+            "[http]\nlisten = \"127.0.0.1:8080\"\nrate_limit = 5\n[[http.tokens]]\n\
+             token = \"0123456789abcdef\"\nscope = \"submit\"\n",
+        )
+        .expect("parses");
+        config.validate().expect("valid");
+        assert_eq!(config.http.tokens[0].scope, HttpScope::Submit);
+        assert_eq!(config.http.body_limit(1000), 1000 + HTTP_ENVELOPE_BYTES);
+        let scope = Config::from_toml("[[http.tokens]]\ntoken = \"x\"\nscope = \"root\"\n")
+            .expect_err("no such scope");
+        assert!(scope.contains("root"), "{scope}");
+        for (text, key) in [
+            ("[http]\nlisten = \"localhost\"\n", "http.listen"),
+            ("[http]\nbody_limit = 10\n", "http.body_limit"),
+            ("[http]\ntls_cert_file = \"a.pem\"\n", "http.tls_cert_file"),
+            (
+                "[[http.tokens]]\ntoken = \"short\"\nscope = \"read\"\n",
+                "http.tokens[0].token",
+            ),
+        ] {
+            let err = Config::from_toml(text)
+                .expect("parses")
+                .validate()
+                .expect_err(text);
+            assert!(err.to_string().contains(key), "{text}: {err}");
+        }
+        // $WARREN_HTTP_TOKEN adds one admin token and is named as the origin of its errors.
+        let mut config = Config::default();
+        config.apply_env(|var| (var == HTTP_TOKEN_ENV).then(|| "short".to_owned()));
+        assert_eq!(config.http.tokens[0].scope, HttpScope::Admin);
+        let err = config.validate().expect_err("too short");
+        assert!(err.to_string().contains("$WARREN_HTTP_TOKEN"), "{err}");
+        assert!(
+            !format!("{config:?}").contains("short\""),
+            "the token in Debug"
+        );
+    }
 }
