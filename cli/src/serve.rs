@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use tokio_util::sync::CancellationToken;
 use warren_core::Config;
 use warren_service::AppState;
+use warren_workers::telemetry;
 
 /// Serve the HTTP API: submit jobs, see queues, work dead letters and wait for outcomes over
 /// HTTP (routes and status codes: /openapi.json). Tokens come from [[http.tokens]] in the
@@ -62,14 +63,17 @@ pub async fn run(config: &Config, args: Args) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("listening on {address}"))?;
     let bound = listener.local_addr().context("the listening address")?;
     let scheme = if tls.is_some() { "https" } else { "http" };
-    eprintln!("warren serve: listening on {scheme}://{bound}");
+    telemetry::notice(
+        module_path!(),
+        &format!("warren serve: listening on {scheme}://{bound}"),
+    );
     let shutdown = state.shutdown_token();
     tokio::spawn(stop_on_signal(shutdown.clone()));
     let router = warren_service::router(Arc::new(state));
     warren_service::serve(listener, router, tls, shutdown)
         .await
         .context("serving HTTP")?;
-    eprintln!("warren serve: stopped");
+    telemetry::notice(module_path!(), "warren serve: stopped");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -90,6 +94,9 @@ async fn stop_on_signal(shutdown: CancellationToken) {
         _ = tokio::signal::ctrl_c() => {}
         () = terminate => {}
     }
-    eprintln!("warren serve: stopping (finishing the requests in flight)");
+    telemetry::notice(
+        module_path!(),
+        "warren serve: stopping (finishing the requests in flight)",
+    );
     shutdown.cancel();
 }

@@ -112,7 +112,9 @@ impl ServeBuilder {
             for line in BufReader::new(pipe).lines() {
                 let Ok(line) = line else { break };
                 if let Some(address) = line.split("listening on ").nth(1) {
-                    let _ = address_tx.send(address.trim().to_owned());
+                    // The address ends the line, or the JSON string (`--log-format json`).
+                    let address = address.trim().trim_end_matches("\"}");
+                    let _ = address_tx.send(address.to_owned());
                 }
                 let mut log = log.lock().expect("the log lock");
                 log.push_str(&line);

@@ -73,6 +73,57 @@ async fn a_traceparent_is_followed_from_an_http_submit_through_retries() {
     );
 }
 
+/// Given `warren serve --log-format json`, when it takes a job and stops, then everything
+/// it wrote to stderr is one JSON object per line: the "listening on" and "stopped" lines,
+/// and the access log line of the request.
+#[tokio::test]
+async fn warren_serve_logs_json_lines() {
+    let queue = unique_queue("json-serve");
+    let config = config(&[&queue]);
+    let _declared = dispatcher(&config).await;
+    let token = "json-serve-token-0123456789abcdef";
+    let mut serve = Serve::builder(&serve_config(
+        &[&queue],
+        &[("logger", token, "submit")],
+        "",
+        "",
+    ))
+    .arg("--log-format")
+    .arg("json")
+    .start()
+    .await;
+    let response = client(None)
+        .post(serve.url(&format!("/v1/queues/{queue}/jobs")))
+        .bearer_auth(token)
+        .json(&json!({"kind": "echo", "payload": {}}))
+        .send()
+        .await
+        .expect("the request");
+    assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED);
+    serve.terminate();
+    assert!(serve.wait_exit(DEADLINE).await.success());
+
+    let stderr = serve.stderr();
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|err| panic!("{err}: {line:?}")))
+        .collect();
+    let messages: Vec<&str> = lines.iter().filter_map(|l| l["message"].as_str()).collect();
+    assert!(
+        messages.iter().any(|m| m.contains("listening on")),
+        "{stderr}"
+    );
+    assert!(messages.iter().any(|m| m.contains("stopped")), "{stderr}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.to_string().contains(&format!("/v1/queues/{queue}/jobs"))),
+        "the access log line: {stderr}"
+    );
+    let channel = connect().await.create_channel().await.expect("channel");
+    cleanup(&channel, &[&queue]).await;
+}
+
 /// Takes job `id` off `queue` to read its `traceparent` (the submit span: a child of
 /// `caller`), publishes it again unchanged, runs it in a worker that fails attempts 1 and 2,
 /// and checks every attempt's trace context against the submit span. Returns the message.

@@ -96,6 +96,7 @@ where
             ),
         ),
     };
+    let _ = FORMAT.set(options.format);
     tracing_subscriber::registry()
         .with(filter)
         .with(tracing_subscriber::filter::filter_fn(|meta| {
@@ -106,6 +107,29 @@ where
         .init();
     let exporting = start_export(options.service_name);
     Telemetry { exporting }
+}
+
+/// The format [`init`] chose, for [`notice`].
+static FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
+/// Writes `text` to standard error whatever `RUST_LOG` says (a server's "listening on"
+/// line, which scripts wait for): as is, or with `--log-format json` as a JSON object of
+/// its own (`timestamp`, `level`, `target`, `message`), so that every line stays JSON.
+pub fn notice(target: &str, text: &str) {
+    match FORMAT.get() {
+        Some(LogFormat::Json) => {
+            // By hand, to keep `message` last: the value a script reads ends the line.
+            let json = |value: &str| Value::from(value).to_string();
+            let now = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string();
+            eprintln!(
+                "{{\"timestamp\":{},\"level\":\"INFO\",\"target\":{},\"message\":{}}}",
+                json(&now),
+                json(target),
+                json(text)
+            );
+        }
+        _ => eprintln!("{text}"),
+    }
 }
 
 /// One JSON object per event: see the module's documentation.
