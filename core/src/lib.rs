@@ -8,7 +8,8 @@
 //! 1. **Submit** — the dispatcher ([`warren_dispatcher`]) encodes a [`envelope::NewJob`] into an
 //!    AMQP message ([`envelope`]) and publishes it to [`topology::JOBS_EXCHANGE`] with publisher
 //!    confirms and `mandatory` set ([`publish`]). The job id is returned only after the broker
-//!    confirmed the message and did not return it as unroutable.
+//!    confirmed the message and did not return it as unroutable. Its `traceparent` header is the
+//!    submit span's W3C trace context ([`trace`]), which every attempt's span names as parent.
 //! 2. **Queue** — the exchange routes the job to its durable quorum queue ([`topology`]).
 //! 3. **Consume** — a worker (`warren-workers`) receives it with a per-consumer prefetch,
 //!    decodes it back into a [`envelope::Job`] and runs the handler registered for its kind.

@@ -25,7 +25,7 @@
 //! carry trace context with the `otel` feature off too; no small, well-kept crate does only
 //! this.
 //!
-//! With the `otel` cargo feature, [`export`] sends the submit and attempt spans, with exactly
+//! With the `otel` cargo feature, `export` sends the submit and attempt spans, with exactly
 //! these ids, to the OpenTelemetry tracer provider the binary installed.
 
 use std::fmt;

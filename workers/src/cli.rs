@@ -13,7 +13,9 @@
 //! It parses `--queue` (repeatable), `--concurrency`, `--config` and `--http` (the
 //! `/healthz`, `/readyz` and `/metrics` listener, [`warren_core::probes`]), logs to stdout through a
 //! background writer (so a slow terminal or pipe never stalls the jobs; `RUST_LOG` sets the
-//! level, default `info` = one line per job), and stops gracefully on SIGTERM or SIGINT.
+//! level, default `info` = one line per job; `--log-format json` for JSON lines, and with the
+//! `otel` feature spans over OTLP: [`crate::telemetry`]), and stops gracefully on SIGTERM or
+//! SIGINT.
 //! [`main_with`] also lets the binary adjust the [`Worker`] before it runs, e.g. to add an
 //! [`on_settled`](Worker::on_settled) hook.
 
