@@ -30,6 +30,7 @@ use crate::routes::{dead, jobs, queues, wait};
     components(schemas(
         ProblemBody,
         jobs::JobRequest,
+        jobs::Delay,
         jobs::Accepted,
         jobs::BatchResult,
         jobs::ItemResult,

@@ -196,6 +196,10 @@ async fn client_mistakes_get_4xx_naming_the_field() {
             Some("delay"),
         ),
         (
+            r#"{"kind": "echo", "payload": {}, "delay": -5}"#,
+            Some("delay"),
+        ),
+        (
             r#"{"kind": "echo", "payload": {}, "colour": "red"}"#,
             Some("colour"),
         ),
@@ -465,6 +469,27 @@ async fn jobs_submitted_over_http_run_and_their_outcomes_are_waited_for() {
     )
     .await;
     assert_eq!(again.status(), StatusCode::OK);
+
+    // A delay in seconds or as text: accepted (the job waits in the delay levels).
+    for delay in ["1", "\"1s\""] {
+        let body = format!(r#"{{"kind": "echo", "payload": {{"d": {delay}}}, "delay": {delay}}}"#);
+        let response = call(&http, &serve, "POST", &jobs, Some(SUBMIT), Some(&body)).await;
+        assert_eq!(response.status(), StatusCode::ACCEPTED, "delay {delay}");
+        let id = json_of(response).await["id"]
+            .as_str()
+            .expect("an id")
+            .to_owned();
+        let outcome = call(
+            &http,
+            &serve,
+            "GET",
+            &format!("/v1/jobs/{id}/wait?timeout=30s"),
+            Some(READ),
+            None,
+        )
+        .await;
+        assert_eq!(json_of(outcome).await["status"], "done", "delay {delay}");
+    }
 
     // A chosen id, a job that fails.
     let response = call(

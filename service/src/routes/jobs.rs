@@ -35,20 +35,47 @@ pub struct JobRequest {
     #[serde(default)]
     pub id: Option<String>,
     /// Hold the job this long before its queue gets it: a duration like `"90s"`, `"10m"`,
-    /// `"1h 30m"` (whole seconds, up to the delay levels' maximum of about 48.5 days).
+    /// `"1h 30m"`, or a number of seconds (whole seconds, up to the delay levels' maximum of
+    /// about 48.5 days).
     #[serde(default)]
-    #[schema(example = "90s")]
-    pub delay: Option<String>,
+    pub delay: Option<Delay>,
     /// The job's priority (0-255); the queue must take priorities (`max_priority`).
     #[serde(default)]
     pub priority: Option<u8>,
+}
+
+/// A delay: a duration's text or a number of seconds.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum Delay {
+    /// Seconds.
+    Seconds(u64),
+    /// A duration like `"90s"` or `"1h 30m"`.
+    #[schema(example = "90s")]
+    Text(String),
+}
+
+impl<'de> Deserialize<'de> for Delay {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Delay, D::Error> {
+        match serde_json::Value::deserialize(deserializer)? {
+            serde_json::Value::Number(n) if n.as_u64().is_some() => {
+                Ok(Delay::Seconds(n.as_u64().unwrap_or_default()))
+            }
+            serde_json::Value::String(text) => Ok(Delay::Text(text)),
+            other => Err(serde::de::Error::custom(format!(
+                "{other} is not a delay: write a duration like \"90s\" or a whole number of \
+                 seconds"
+            ))),
+        }
+    }
 }
 
 impl JobRequest {
     /// The job for `queue`, or 400 naming the field (the delay's text).
     pub fn into_job(self, queue: &str) -> Result<NewJob, Problem> {
         let delay = match &self.delay {
-            Some(text) => Some(parse_delay(text)?),
+            Some(Delay::Text(text)) => Some(parse_delay(text)?),
+            Some(Delay::Seconds(seconds)) => Some(Duration::from_secs(*seconds)),
             None => None,
         };
         let mut job = NewJob::new(queue, self.kind, &self.payload);
