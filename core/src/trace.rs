@@ -26,7 +26,7 @@
 //! this.
 //!
 //! With the `otel` cargo feature, `export` sends the submit and attempt spans, with exactly
-//! these ids, to the OpenTelemetry tracer provider the binary installed.
+//! these ids, to the OpenTelemetry span processor the binary installed.
 
 use std::fmt;
 
@@ -399,6 +399,31 @@ mod tests {
         }
         assert_eq!(TraceContext::from_header(&[0xff; 55]), None);
         assert_eq!(TraceContext::from_header(&[b'-'; 55]), None);
+    }
+
+    #[test]
+    fn random_near_misses_never_panic_and_round_trip_when_valid() {
+        use rand::Rng;
+        let alphabet: Vec<char> = "0123456789abcdefABCDEF-x\u{e9}\u{0}".chars().collect();
+        let mut rng = rand::thread_rng();
+        for _ in 0..20_000 {
+            let len = rng.gen_range(50..62);
+            let mut value: Vec<char> = VALID.chars().collect();
+            value.resize(len, '0');
+            for _ in 0..rng.gen_range(0..4) {
+                let at = rng.gen_range(0..value.len());
+                value[at] = alphabet[rng.gen_range(0..alphabet.len())];
+            }
+            let value: String = value.into_iter().collect();
+            if let Some(ctx) = TraceContext::parse(&value) {
+                assert_eq!(
+                    TraceContext::parse(&ctx.to_string()),
+                    Some(ctx),
+                    "{value:?}"
+                );
+                assert!(value.is_ascii());
+            }
+        }
     }
 
     #[test]
