@@ -40,6 +40,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::set_header::SetResponseHeaderLayer;
 use warren_core::config::{Config, HttpScope};
 use warren_core::metrics::Metrics;
@@ -238,6 +239,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         // ── end ──
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_limit))
+        // A bug must not drop the connection without an answer: a panic becomes a JSON 500.
+        .layer(CatchPanicLayer::custom(|_panic| {
+            Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
+        }))
         .layer(middleware::from_fn(access_log))
         .layer(SetResponseHeaderLayer::overriding(
             header::CACHE_CONTROL,

@@ -342,6 +342,15 @@ async fn client_mistakes_get_4xx_naming_the_field() {
     .await;
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     assert_eq!(json_of(response).await["field"], "id");
+    // A replay rate too slow to schedule (or not positive) is refused before anything moves.
+    for body in [
+        r#"{"all": true, "rate": 1e-300}"#,
+        r#"{"all": true, "rate": 0}"#,
+    ] {
+        let response = post(format!("/v1/queues/{queue}/dead:replay"), body).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(json_of(response).await["field"], "rate");
+    }
     // A purge needs a filter or "all": true.
     let response = post(format!("/v1/queues/{queue}/dead:purge"), "{}").await;
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);

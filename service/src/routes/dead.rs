@@ -23,6 +23,10 @@ use crate::routes::PathParams;
 
 /// The most dead letters one list answers with.
 pub const MAX_LIST: u64 = 10_000;
+/// The slowest and fastest replay rates a request may ask for (jobs per second).
+pub const MIN_RATE: f64 = 0.01;
+pub const MAX_RATE: f64 = 1_000_000.0;
+
 /// How many a list answers with when no `limit` is given.
 pub const DEFAULT_LIST: u64 = 100;
 
@@ -165,7 +169,7 @@ pub struct ReplayRequest {
     /// Only jobs of this failure class.
     #[serde(default)]
     pub class: Option<String>,
-    /// At most this many jobs per second.
+    /// At most this many jobs per second (0.01 to 1000000).
     #[serde(default)]
     pub rate: Option<f64>,
 }
@@ -212,11 +216,11 @@ pub async fn replay(
     }
     if request
         .rate
-        .is_some_and(|rate| !(rate.is_finite() && rate > 0.0))
+        .is_some_and(|rate| !(MIN_RATE..=MAX_RATE).contains(&rate))
     {
         return Err(Problem::field(
             "rate",
-            "`rate`: a positive number of jobs per second",
+            format!("`rate`: jobs per second, from {MIN_RATE} to {MAX_RATE}"),
         ));
     }
     let options = ReplayOptions {
