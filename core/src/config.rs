@@ -282,6 +282,9 @@ pub struct HttpConfig {
     pub tls_key_file: Option<PathBuf>,
 }
 
+/// A token shorter than this is accepted with a warning ([`Config::warnings`]).
+pub const HTTP_TOKEN_MIN_LEN: usize = 16;
+
 /// Room for the rest of a request around the largest payload: [`HttpConfig::body_limit`]'s
 /// default is `jobs.max_payload_bytes` plus this.
 pub const HTTP_ENVELOPE_BYTES: usize = 64 * 1024;
@@ -304,10 +307,10 @@ impl HttpConfig {
             ));
         }
         for (i, token) in self.tokens.iter().enumerate() {
-            if token.token.len() < 16 {
+            if token.token.is_empty() {
                 return Err((
                     format!("tokens[{i}].token"),
-                    "must be at least 16 characters (make one with `openssl rand -hex 32`)".into(),
+                    "is empty (make one with `openssl rand -hex 32`)".into(),
                 ));
             }
             if !token.token.bytes().all(|b| b.is_ascii_graphic()) {
@@ -703,6 +706,16 @@ impl Config {
     /// The binaries log them at start.
     pub fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
+        for (i, token) in self.http.tokens.iter().enumerate() {
+            if token.token.len() < HTTP_TOKEN_MIN_LEN {
+                warnings.push(format!(
+                    "{}: http.tokens[{i}] ({}) is shorter than {HTTP_TOKEN_MIN_LEN} characters, \
+                     easy to guess; make one with `openssl rand -hex 32`",
+                    self.origin_of(&format!("http.tokens[{i}]")),
+                    token.name.as_deref().unwrap_or("unnamed")
+                ));
+            }
+        }
         let tls = self.broker.url.starts_with("amqps://");
         if tls && self.management.url.is_none() {
             warnings.push(format!(
@@ -1549,7 +1562,7 @@ mod tests {
             ("[http]\nbody_limit = 10\n", "http.body_limit"),
             ("[http]\ntls_cert_file = \"a.pem\"\n", "http.tls_cert_file"),
             (
-                "[[http.tokens]]\ntoken = \"short\"\nscope = \"read\"\n",
+                "[[http.tokens]]\ntoken = \"two words\"\nscope = \"read\"\n",
                 "http.tokens[0].token",
             ),
         ] {
@@ -1563,8 +1576,10 @@ mod tests {
         let mut config = Config::default();
         config.apply_env(|var| (var == HTTP_TOKEN_ENV).then(|| "short".to_owned()));
         assert_eq!(config.http.tokens[0].scope, HttpScope::Admin);
-        let err = config.validate().expect_err("too short");
-        assert!(err.to_string().contains("$WARREN_HTTP_TOKEN"), "{err}");
+        config.validate().expect("short, but a token");
+        let warnings = config.warnings().join("\n");
+        assert!(warnings.contains("$WARREN_HTTP_TOKEN"), "{warnings}");
+        assert!(warnings.contains("shorter than 16"), "{warnings}");
         assert!(
             !format!("{config:?}").contains("short\""),
             "the token in Debug"
