@@ -386,9 +386,11 @@ fn report_not_taken(what: &str, not_taken: &NotTaken) {
 fn parse_rate(text: &str) -> Result<f64, String> {
     let number = text.strip_suffix("/s").unwrap_or(text).trim();
     match number.parse::<f64>() {
-        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        Ok(rate) if dlq::check_rate(rate).is_ok() => Ok(rate),
         _ => Err(format!(
-            "`{text}` is not a rate: write a positive number of jobs per second, e.g. 50/s"
+            "`{text}` is not a rate: write a number of jobs per second from {} to {}, e.g. 50/s",
+            dlq::REPLAY_RATES.start(),
+            dlq::REPLAY_RATES.end()
         )),
     }
 }

@@ -422,6 +422,22 @@ pub async fn show(
     result
 }
 
+/// The replay rates [`replay`] takes, in jobs per second: slower than one job in 100 s is
+/// not a rate but a stop, and faster than a million is no limit at all.
+pub const REPLAY_RATES: std::ops::RangeInclusive<f64> = 0.01..=1_000_000.0;
+
+/// Whether `rate` (jobs per second) is one [`replay`] takes ([`REPLAY_RATES`]); NaN and
+/// infinities are not.
+pub fn check_rate(rate: f64) -> Result<(), DlqError> {
+    if REPLAY_RATES.contains(&rate) {
+        Ok(())
+    } else {
+        Err(DlqError::Invalid(
+            "the replay rate must be from 0.01 to 1000000 jobs per second",
+        ))
+    }
+}
+
 /// Sends the dead letters of work queue `queue` that `options` select back to `queue`, each
 /// through [`topology::JOBS_EXCHANGE`] (mandatory, confirmed) with a fresh attempt count and
 /// the replay marker ([`envelope::replay_properties`]); each dead letter is removed only once
@@ -439,13 +455,8 @@ pub async fn replay(
     options: &ReplayOptions,
     mut progress: impl FnMut(&Progress),
 ) -> Result<ReplaySummary, DlqError> {
-    if options
-        .rate
-        .is_some_and(|rate| !(rate.is_finite() && rate > 0.0))
-    {
-        return Err(DlqError::Invalid(
-            "the replay rate must be a positive number of jobs per second",
-        ));
+    if let Some(rate) = options.rate {
+        check_rate(rate)?;
     }
     let routing_key = topology::short(queue)?;
     let mut pass = Pass::open(dispatcher, queue, true).await?;
@@ -1168,6 +1179,16 @@ mod tests {
             .with_message_id("job-1".into())
             .with_type("send".into())
             .with_headers(headers)
+    }
+
+    #[test]
+    fn a_replay_rate_is_checked_against_the_bounds() {
+        for rate in [1e-300, 0.0, -1.0, f64::NAN, f64::INFINITY, 1e7] {
+            assert!(check_rate(rate).is_err(), "{rate} accepted");
+        }
+        for rate in [REPLAY_RATES.start(), &50.0, REPLAY_RATES.end()] {
+            assert!(check_rate(*rate).is_ok(), "{rate} refused");
+        }
     }
 
     #[test]

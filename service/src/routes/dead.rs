@@ -23,10 +23,6 @@ use crate::routes::PathParams;
 
 /// The most dead letters one list answers with.
 pub const MAX_LIST: u64 = 10_000;
-/// The slowest and fastest replay rates a request may ask for (jobs per second).
-pub const MIN_RATE: f64 = 0.01;
-pub const MAX_RATE: f64 = 1_000_000.0;
-
 /// How many a list answers with when no `limit` is given.
 pub const DEFAULT_LIST: u64 = 100;
 
@@ -216,11 +212,16 @@ pub async fn replay(
     }
     if request
         .rate
-        .is_some_and(|rate| !(MIN_RATE..=MAX_RATE).contains(&rate))
+        .is_some_and(|rate| dlq::check_rate(rate).is_err())
     {
+        let rates = dlq::REPLAY_RATES;
         return Err(Problem::field(
             "rate",
-            format!("`rate`: jobs per second, from {MIN_RATE} to {MAX_RATE}"),
+            format!(
+                "`rate`: jobs per second, from {} to {}",
+                rates.start(),
+                rates.end()
+            ),
         ));
     }
     let options = ReplayOptions {
