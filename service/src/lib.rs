@@ -69,13 +69,11 @@ pub struct AppState {
     /// Cancelled when the server stops ([`AppState::shutdown_token`]): waits in flight answer
     /// `pending` at once rather than hold the shutdown up to their timeout.
     stopping: CancellationToken,
-    // ── Health and metrics (helper B) ──
     /// `/metrics`: the dispatcher's submits and connection, and every request's route, status
     /// and duration.
     pub metrics: Arc<Metrics>,
     /// `/readyz`: the dispatcher (ready while its connection to RabbitMQ is open).
     readiness: Arc<dyn Readiness>,
-    // ── end ──
 }
 
 /// Why the service could not be set up.
@@ -104,7 +102,7 @@ impl AppState {
         config: &Config,
         dispatcher: Dispatcher,
     ) -> Result<AppState, ServiceError> {
-        // Health and metrics (helper B): the dispatcher's metrics, made here if it has none.
+        // The dispatcher's metrics, made here if it has none.
         let (dispatcher, metrics) = match dispatcher.metrics().cloned() {
             Some(metrics) => (dispatcher, metrics),
             None => {
@@ -226,8 +224,8 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .merge(api)
         .merge(public)
-        // ── Health and metrics (helper B): `/healthz`, `/readyz` and `/metrics` take no token;
-        // every request is counted by its matched route (never the raw path) and status. ──
+        // `/healthz`, `/readyz` and `/metrics` take no token; every request is counted by its
+        // matched route (never the raw path) and status.
         .merge(probes::router(
             Arc::clone(&state.metrics),
             Arc::clone(&state.readiness),
@@ -236,7 +234,6 @@ pub fn router(state: Arc<AppState>) -> Router {
             Arc::clone(&state.metrics),
             probes::track_requests,
         ))
-        // ── end ──
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_limit))
         // A bug must not drop the connection without an answer: a panic becomes a JSON 500.
