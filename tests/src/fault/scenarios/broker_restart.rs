@@ -2,9 +2,12 @@
 //! 200/s by a dispatcher that keeps submitting through the outages): once `stop_app` + 3 s +
 //! `start_app`, once `kill -9` + start. 5% of the jobs are `flaky` (their retries wait in the
 //! delay queues through the restarts) and 5% `fail` (dead-lettered). Recovery: from the fault
-//! to the first job recorded whose handler started after the broker was back.
+//! to the first job recorded whose handler started after the broker was back. Worker w1 serves
+//! its probes (`--http`): its `/readyz`, polled every 100 ms, must answer 503 during each outage
+//! and 200 again after it.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -15,6 +18,7 @@ use crate::fault::check::{self, Ledger};
 use crate::fault::node::Node;
 use crate::fault::submit::{self, Plan};
 use crate::fault::{Report, Scenario, Settings, now_ms};
+use crate::probe;
 use crate::procs::Pool;
 use crate::sink::recovery_ms;
 
@@ -24,10 +28,19 @@ pub async fn run(bin: &Path) -> anyhow::Result<Report> {
     let settings = Settings::default();
     let urls = s.urls();
     let dispatcher = s.dispatcher(&settings, &urls).await?;
+    let probe_port = probe::free_port();
     let specs = (1..=3)
-        .map(|i| s.worker(&format!("w{i}"), &settings, &urls))
+        .map(|i| {
+            let worker = s.worker(&format!("w{i}"), &settings, &urls);
+            match i {
+                1 => worker.env("WARREN_WORKER_HTTP", format!("127.0.0.1:{probe_port}")),
+                _ => worker,
+            }
+        })
         .collect();
     let mut pool = Pool::start(specs, Duration::from_secs(60)).await?;
+    let polling = CancellationToken::new();
+    let readiness = poll_readiness(probe_port, polling.clone());
     let jobs = s.mixed_jobs(10_000, 10, 20, 20);
     let kinds = check::kinds_of(&jobs);
     let plan = Plan {
@@ -63,6 +76,20 @@ pub async fn run(bin: &Path) -> anyhow::Result<Report> {
     tokio::time::timeout(Duration::from_secs(240), submitting)
         .await
         .context("submitting did not finish")??;
+    polling.cancel();
+    let readyz = std::mem::take(&mut *readiness.lock().expect("readiness samples"));
+    for (what, fault, back) in [("stop_app", fault_a, back_a), ("kill -9", fault_b, back_b)] {
+        match not_ready_window(&readyz, fault, back) {
+            Some((from, to)) => report.note(format!(
+                "{what}: w1's /readyz 503 from {:.1}s after the fault, 200 again {:.1}s after the broker was back",
+                from.saturating_sub(fault) as f64 / 1000.0,
+                to.saturating_sub(back) as f64 / 1000.0
+            )),
+            None => report.fail(format!(
+                "{what}: w1's /readyz did not answer 503 during the outage and 200 after it"
+            )),
+        }
+    }
     let mut ledger = Ledger::default();
     {
         let log = log.lock().expect("log");
@@ -96,4 +123,33 @@ pub async fn run(bin: &Path) -> anyhow::Result<Report> {
     }
     s.cleanup().await;
     Ok(report)
+}
+
+/// `/readyz` on `port` every 100 ms until `stop`: (wall-clock ms, status), 0 when nothing
+/// answered.
+fn poll_readiness(port: u16, stop: CancellationToken) -> Arc<Mutex<Vec<(u64, u16)>>> {
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let into = samples.clone();
+    tokio::spawn(async move {
+        while !stop.is_cancelled() {
+            let status = probe::get(port, "/readyz").await.map_or(0, |r| r.status);
+            if let Ok(mut samples) = into.lock() {
+                samples.push((now_ms(), status));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    samples
+}
+
+/// The first 503 between the fault and 30 s after the broker was back, and the first 200
+/// after that 503: when the probe said "not ready", and when "ready" again.
+fn not_ready_window(samples: &[(u64, u16)], fault: u64, back: u64) -> Option<(u64, u64)> {
+    let (down, _) = samples
+        .iter()
+        .find(|(at, status)| *at >= fault && *at <= back + 30_000 && *status == 503)?;
+    let (up, _) = samples
+        .iter()
+        .find(|(at, status)| *at > *down && *status == 200)?;
+    Some((*down, *up))
 }
