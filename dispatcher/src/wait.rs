@@ -64,28 +64,7 @@ impl Dispatcher {
         let started = Instant::now();
         let link = self.links.current().await?;
         let operation = self.config.broker.operation_timeout;
-        let setup = async {
-            let channel = link.connection.create_channel().await?;
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await?;
-            let consumer = channel
-                .basic_consume(
-                    DIRECT_REPLY_TO.into(),
-                    "".into(),
-                    BasicConsumeOptions {
-                        no_ack: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
-            Ok::<_, lapin::Error>((channel, consumer))
-        };
-        let (channel, mut consumer) = tokio::time::timeout(operation, setup)
-            .await
-            .map_err(|_| LinkError::Timeout(operation))?
-            .map_err(LinkError::Channel)?;
+        let (channel, mut consumer) = reply_channel(&link.connection, operation).await?;
         let mut job = job;
         job.reply_to = Some(DIRECT_REPLY_TO.to_owned());
         let submitted = self.submit_on(&link, &channel, job).await;
@@ -132,4 +111,36 @@ impl Dispatcher {
 
 async fn close(channel: &lapin::Channel, timeout: Duration) {
     let _ = tokio::time::timeout(timeout, channel.close(200, "done waiting".into())).await;
+}
+
+/// A confirm channel of its own consuming the direct reply-to pseudo-queue (no ack), set up
+/// within `operation`: its replies come to the address `reply_to = amq.rabbitmq.reply-to`
+/// stands for on jobs published on this channel. Used by [`Dispatcher::submit_and_wait`] (a
+/// channel per call) and [`crate::waiter::Waiter`] (one for its whole life).
+pub(crate) async fn reply_channel(
+    connection: &lapin::Connection,
+    operation: Duration,
+) -> Result<(lapin::Channel, lapin::Consumer), LinkError> {
+    let setup = async {
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let consumer = channel
+            .basic_consume(
+                DIRECT_REPLY_TO.into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok::<_, lapin::Error>((channel, consumer))
+    };
+    tokio::time::timeout(operation, setup)
+        .await
+        .map_err(|_| LinkError::Timeout(operation))?
+        .map_err(LinkError::Channel)
 }

@@ -24,8 +24,6 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lapin::Channel;
-use lapin::options::{BasicConsumeOptions, ConfirmSelectOptions};
-use lapin::types::FieldTable;
 use tokio::sync::watch;
 use warren_core::config::Config;
 use warren_core::connection::Connector;
@@ -166,29 +164,11 @@ impl Waiter {
             return Ok((link.clone(), channel.clone()));
         }
         let link = self.dispatcher.links.current().await?;
-        let operation = self.dispatcher.config.broker.operation_timeout;
-        let setup = async {
-            let channel = link.connection.create_channel().await?;
-            channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await?;
-            let consumer = channel
-                .basic_consume(
-                    DIRECT_REPLY_TO.into(),
-                    "".into(),
-                    BasicConsumeOptions {
-                        no_ack: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
-            Ok::<_, lapin::Error>((channel, consumer))
-        };
-        let (channel, consumer) = tokio::time::timeout(operation, setup)
-            .await
-            .map_err(|_| LinkError::Timeout(operation))?
-            .map_err(LinkError::Channel)?;
+        let (channel, consumer) = crate::wait::reply_channel(
+            &link.connection,
+            self.dispatcher.config.broker.operation_timeout,
+        )
+        .await?;
         let outcomes = Arc::clone(&self.outcomes);
         tokio::spawn(route_replies(consumer, outcomes));
         *reply = Some((link.clone(), channel.clone()));
