@@ -263,33 +263,21 @@ impl Dispatcher {
         if known.contains(queue) {
             return Ok(());
         }
-        let check = async {
-            let channel = link.connection.create_channel().await?;
-            let passive = lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            };
-            let declared = channel
-                .queue_declare(queue.into(), passive, Default::default())
-                .await;
-            if declared.is_ok() {
-                let _ = channel.close(200, "checked".into()).await;
-            }
-            Ok::<_, lapin::Error>(declared.map(|_| ()))
-        };
-        let timeout = self.config.broker.operation_timeout;
-        let checked = tokio::time::timeout(timeout, check)
-            .await
-            .map_err(|_| SubmitError::Connection(LinkError::Timeout(timeout)))?
-            .map_err(|err| SubmitError::Connection(LinkError::Channel(err)))?;
-        match checked {
-            Ok(()) => {}
-            Err(err) if is_not_found(&err) => return Err(SubmitError::UnknownQueue(queue.into())),
-            Err(err) if topology::is_access_refused(&err) => {}
-            Err(err) => return Err(SubmitError::Connection(LinkError::Channel(err))),
+        if passive_declare(link, queue, self.config.broker.operation_timeout).await? == Some(false)
+        {
+            return Err(SubmitError::UnknownQueue(queue.into()));
         }
         known.insert(queue.to_owned());
         Ok(())
+    }
+
+    /// Whether the broker has `queue` (a passive declare on a channel of its own, nothing
+    /// cached): `Some(true)`, `Some(false)`, or `None` when this user may not ask (RabbitMQ
+    /// 4.x answers only for names the user has some permission on; a mandatory publish then
+    /// finds out).
+    pub async fn has_queue(&self, queue: &str) -> Result<Option<bool>, SubmitError> {
+        let link = self.links.current().await?;
+        passive_declare(&link, queue, self.config.broker.operation_timeout).await
     }
 
     /// Submits many jobs, pipelined: up to `dispatcher.max_in_flight` wait for their confirm at
@@ -386,4 +374,37 @@ pub enum ApplyError {
     Link(#[from] LinkError),
     #[error("declaring the topology: no answer within {0:?}")]
     Timeout(Duration),
+}
+
+/// A passive `queue.declare` of `queue` on a channel of its own, within `timeout`: whether it
+/// exists, or `None` when the user may not ask (access refused).
+async fn passive_declare(
+    link: &link::Link,
+    queue: &str,
+    timeout: std::time::Duration,
+) -> Result<Option<bool>, SubmitError> {
+    let check = async {
+        let channel = link.connection.create_channel().await?;
+        let passive = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let declared = channel
+            .queue_declare(queue.into(), passive, Default::default())
+            .await;
+        if declared.is_ok() {
+            let _ = channel.close(200, "checked".into()).await;
+        }
+        Ok::<_, lapin::Error>(declared.map(|_| ()))
+    };
+    let checked = tokio::time::timeout(timeout, check)
+        .await
+        .map_err(|_| SubmitError::Connection(LinkError::Timeout(timeout)))?
+        .map_err(|err| SubmitError::Connection(LinkError::Channel(err)))?;
+    match checked {
+        Ok(()) => Ok(Some(true)),
+        Err(err) if is_not_found(&err) => Ok(Some(false)),
+        Err(err) if topology::is_access_refused(&err) => Ok(None),
+        Err(err) => Err(SubmitError::Connection(LinkError::Channel(err))),
+    }
 }

@@ -159,11 +159,23 @@ impl AppState {
         }
     }
 
-    /// 404 unless `queue` is a queue of the config.
-    pub fn check_queue(&self, queue: &str) -> Result<(), Problem> {
-        match self.config.queues.contains_key(queue) {
-            true => Ok(()),
-            false => Err(Problem::unknown_queue(queue)),
+    /// 404 unless `queue` is a queue of the config or one the broker has — the queues
+    /// `warren submit --queue` takes (one the config does not list has `[queue_defaults]`).
+    /// The broker is asked by a passive declare each time (nothing is cached, so random names
+    /// cost no memory); a user who may not ask lets the mandatory publish decide (unroutable:
+    /// 404 too). 503 while the broker is away.
+    pub async fn check_queue(&self, queue: &str) -> Result<(), Problem> {
+        if self.config.queues.contains_key(queue) {
+            return Ok(());
+        }
+        if warren_core::topology::short(queue).is_err() {
+            return Err(Problem::unknown_queue(queue));
+        }
+        self.connected().await?;
+        match self.waiter.dispatcher().has_queue(queue).await {
+            Ok(Some(false)) => Err(Problem::unknown_queue(queue)),
+            Ok(_) => Ok(()),
+            Err(err) => Err(Problem::from_submit(&err)),
         }
     }
 }

@@ -84,11 +84,14 @@ impl Problem {
         }
     }
 
-    /// 404 for a queue the config does not list.
+    /// 404 for a queue neither the config lists nor the broker has.
     pub fn unknown_queue(queue: &str) -> Problem {
         Problem::new(
             StatusCode::NOT_FOUND,
-            format!("no queue `{queue}` in the config ([queues.NAME] in warren.toml)"),
+            format!(
+                "queue `{queue}` does not exist (not in the config, not on the broker: \
+                 `warren topology apply --queue {queue}` declares it)"
+            ),
         )
         .at("queue")
     }

@@ -598,6 +598,71 @@ async fn jobs_submitted_over_http_run_and_their_outcomes_are_waited_for() {
 /// then every item is confirmed (202, one id per item, in order) and run; a batch with an item
 /// the queue cannot take (a priority on a queue without priorities) answers 207 with that
 /// item's 400 naming `priority`, the others accepted.
+/// A queue the broker has is served like `warren submit --queue` serves it, whether or not the
+/// server's config lists it (its settings are then `[queue_defaults]`); a queue neither lists
+/// nor has is a 404 naming `queue`, and nothing is published.
+#[tokio::test]
+async fn a_queue_the_broker_has_is_served_even_if_the_config_does_not_list_it() {
+    let listed = unique_queue("http-listed");
+    let unlisted = unique_queue("http-unlisted");
+    let nowhere = unique_queue("http-nowhere");
+    // Declares both queues (and their dead-letter queues) on the broker.
+    let d = dispatcher(&config(&[&listed, &unlisted])).await;
+    d.close().await;
+    let serve = Serve::builder(&serve_config(&[&listed], &TOKENS, "", ""))
+        .start()
+        .await;
+    let http = client(None);
+    let job = r#"{"kind": "echo", "payload": {"n": 1}}"#;
+
+    let response = call(
+        &http,
+        &serve,
+        "POST",
+        &format!("/v1/queues/{unlisted}/jobs"),
+        Some(SUBMIT),
+        Some(job),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let id = json_of(response).await["id"]
+        .as_str()
+        .expect("an id")
+        .to_owned();
+    let connection = connect().await;
+    let channel = connection.create_channel().await.expect("channel");
+    let got = warren_tests::take_messages(&channel, &unlisted, 1, Duration::from_secs(10)).await;
+    assert_eq!(
+        got[0].properties.message_id().as_ref().map(|s| s.as_str()),
+        Some(id.as_str())
+    );
+    let response = call(
+        &http,
+        &serve,
+        "GET",
+        &format!("/v1/queues/{unlisted}/dead"),
+        Some(READ),
+        None,
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+
+    for (method, path, body) in [
+        ("POST", format!("/v1/queues/{nowhere}/jobs"), Some(job)),
+        (
+            "POST",
+            format!("/v1/queues/{nowhere}/jobs:batch"),
+            Some("[]"),
+        ),
+        ("GET", format!("/v1/queues/{nowhere}/dead"), None),
+    ] {
+        let response = call(&http, &serve, method, &path, Some(ADMIN), body).await;
+        assert_eq!(response.status(), StatusCode::NOT_FOUND, "{method} {path}");
+        assert_eq!(json_of(response).await["field"], "queue", "{method} {path}");
+    }
+    cleanup(&channel, &[&listed, &unlisted]).await;
+}
+
 #[tokio::test]
 async fn batches_answer_per_item() {
     let queue = unique_queue("http-batch");

@@ -76,7 +76,7 @@ pub async fn list(
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<DeadList>, Problem> {
     let Query(query) = query.map_err(|r| query_problem(&r))?;
-    state.check_queue(&queue)?;
+    state.check_queue(&queue).await?;
     let limit = query.limit.unwrap_or(DEFAULT_LIST);
     if limit > MAX_LIST {
         return Err(Problem::field(
@@ -131,7 +131,7 @@ pub async fn show(
     State(state): State<Arc<AppState>>,
     PathParams((queue, id)): PathParams<(String, String)>,
 ) -> Result<Json<DeadJob>, Problem> {
-    state.check_queue(&queue)?;
+    state.check_queue(&queue).await?;
     state.connected().await?;
     let found = dlq::show(state.waiter.dispatcher(), &queue, &id)
         .await
@@ -197,7 +197,7 @@ pub async fn replay(
     PathParams(queue): PathParams<String>,
     JsonBody(request): JsonBody<ReplayRequest>,
 ) -> Result<Json<ReplaySummary>, Problem> {
-    state.check_queue(&queue)?;
+    state.check_queue(&queue).await?;
     if request.ids.is_empty() && !request.all && request.limit.is_none() {
         return Err(Problem::field(
             "all",
@@ -290,7 +290,7 @@ pub async fn purge(
     PathParams(queue): PathParams<String>,
     JsonBody(request): JsonBody<PurgeRequest>,
 ) -> Result<Json<PurgeSummary>, Problem> {
-    state.check_queue(&queue)?;
+    state.check_queue(&queue).await?;
     let failed_before = match request.older_than.as_deref() {
         Some(text) => Some(failed_before(text)?),
         None => None,

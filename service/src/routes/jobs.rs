@@ -128,7 +128,7 @@ pub async fn submit(
     headers: HeaderMap,
     JsonBody(request): JsonBody<JobRequest>,
 ) -> Result<(StatusCode, Json<Accepted>), Problem> {
-    state.check_queue(&queue)?;
+    state.check_queue(&queue).await?;
     let job = request.into_job(&queue)?;
     let job = with_request_context(job, &headers);
     state.connected().await?;
@@ -228,7 +228,7 @@ pub async fn batch(
     headers: HeaderMap,
     JsonBody(requests): JsonBody<Vec<JobRequest>>,
 ) -> Result<(StatusCode, Json<BatchResult>), Problem> {
-    state.check_queue(&queue)?;
+    state.check_queue(&queue).await?;
     if requests.is_empty() {
         return Err(Problem::field(
             "[]",
