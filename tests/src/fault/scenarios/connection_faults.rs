@@ -56,7 +56,10 @@ pub async fn run(bin: &Path) -> anyhow::Result<Report> {
         rate: Some(100.0),
         ..Plan::default()
     };
-    let jobs = s.jobs(6_300, "sleep", &json!({"ms": 5}));
+    // 68 s of jobs at 100/s: the last cut starts at 60 s, and closing (rabbitmqctl) takes up
+    // to ~2.5 s under load; after it the worker needs jobs to show it came back (with 63 s of
+    // jobs a CI run once had none left after the 12th cut's close).
+    let jobs = s.jobs(6_800, "sleep", &json!({"ms": 5}));
     let (submitting, log) = submit::spawn(
         dispatcher.clone(),
         jobs,
