@@ -277,6 +277,30 @@ impl Worker {
     }
 }
 
+/// How often a session looks at its connections' state ([`watch_connections`]).
+const CONNECTION_CHECK: Duration = Duration::from_millis(500);
+
+/// A token cancelled once either connection is no longer connected (checked every
+/// [`CONNECTION_CHECK`]), or when the session drops it; the watching task ends then.
+fn watch_connections(connections: [lapin::ConnectionStatus; 2]) -> CancellationToken {
+    let gone = CancellationToken::new();
+    let token = gone.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(CONNECTION_CHECK);
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if connections.iter().any(|status| !status.connected()) {
+                token.cancel();
+                return;
+            }
+        }
+    });
+    gone
+}
+
 impl Process {
     /// One connected session; returns `Ok` after a graceful shutdown.
     async fn session(
@@ -373,16 +397,23 @@ impl Process {
             "worker started"
         );
 
+        // The consumer streams end when the connection drops, but not always: on RabbitMQ
+        // 3.10 a connection cut as the session began once left them open (no error, no end)
+        // and the worker waiting for ever. So the connections' own state is watched too.
+        let gone = watch_connections([consuming.status().clone(), publishing.status().clone()]);
+        let _stop_watching = gone.clone().drop_guard();
         let ended = loop {
             let slot = tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
                 _ = shared.lost.cancelled() => break Err(WorkerError::PublisherLost),
+                _ = gone.cancelled() => break Err(WorkerError::ConnectionLost),
                 slot = self.slots.clone().acquire_owned() => slot,
             };
             let Ok(slot) = slot else { break Ok(()) };
             let next = tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
                 _ = shared.lost.cancelled() => break Err(WorkerError::PublisherLost),
+                _ = gone.cancelled() => break Err(WorkerError::ConnectionLost),
                 Ok(()) = blocked.changed() => {
                     let now_blocked = *blocked.borrow_and_update();
                     self.follow_blocking(now_blocked, &consuming, &consumers, &mut deliveries).await;
