@@ -330,6 +330,18 @@ async fn client_mistakes_get_4xx_naming_the_field() {
     .await;
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
     assert_eq!(json_of(response).await["field"], "timeout");
+    // An unknown query parameter is named, not ignored (a misspelt `timeout` would wait 30 s).
+    let response = call(
+        &http,
+        &serve,
+        "GET",
+        "/v1/jobs/x/wait?timout=1s",
+        Some(READ),
+        None,
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(json_of(response).await["field"], "timout");
     // A path parameter that is not UTF-8: 400 naming it, as JSON.
     let response = call(
         &http,

@@ -205,3 +205,32 @@ async fn a_delayed_job_for_a_deleted_queue_lands_in_unroutable() {
         );
     }
 }
+
+/// Given one long-lived dispatcher connection, when more than `channel_max` (2047) questions
+/// about missing queues each had a channel closed by the broker (404), then channel ids are
+/// reused and every later operation still works: a server-closed channel's error stays with
+/// that channel, not with its id (lapin kept it and failed the id's next `channel.open` with
+/// it: `warren serve` answered 503 after a few thousand 404s; patches/PATCHED.md).
+#[tokio::test]
+async fn channel_ids_closed_by_the_broker_are_usable_again() {
+    let queue = unique_queue("chan-reuse");
+    let missing = unique_queue("chan-reuse-missing");
+    let config = config(&[&queue]);
+    let dispatcher = dispatcher(&config).await;
+    // One more than lapin's channel_max: every id is used, most of them by a channel the
+    // broker closed.
+    for n in 0..2100 {
+        let known = dispatcher
+            .has_queue(&missing)
+            .await
+            .unwrap_or_else(|err| panic!("question {n} about a missing queue failed: {err}"));
+        assert_eq!(known, Some(false), "question {n}");
+    }
+    for n in 0..2100 {
+        let known = dispatcher
+            .has_queue(&queue)
+            .await
+            .unwrap_or_else(|err| panic!("question {n} about an existing queue failed: {err}"));
+        assert_eq!(known, Some(true), "question {n}");
+    }
+}

@@ -398,6 +398,11 @@ impl Inner {
                 met_first_id = true;
             }
             if !self.channels.contains_key(&id) {
+                // WARREN PATCH (see patches/PATCHED.md in Warren): a channel the server closed
+                // poisoned its id in `frames` (`on_channel_close_ok_sent`), and nothing took
+                // the poison back, so once ids wrapped around the new channel's `channel.open`
+                // failed with the old channel's error. The new channel starts clean.
+                frames.drop_channel_poison(id);
                 let channel = self.create_channel(
                     id,
                     connection_status,

@@ -24,6 +24,7 @@ pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct WaitQuery {
     /// How long to wait: a duration like `30s` or `2m` (or a number of seconds), at most 5m;
     /// default 30s. `0s` answers at once.
@@ -52,7 +53,7 @@ pub struct Pending {
     responses(
         (status = 200, description = "The outcome, as `warren submit --wait --json` prints it: {id, attempts, status: done|failed, result | class, reason}", body = Object),
         (status = 202, description = "No outcome within the timeout", body = Pending),
-        (status = 400, description = "An invalid `timeout`", body = ProblemBody),
+        (status = 400, description = "An invalid `timeout`, or an unknown query parameter (named in `field`)", body = ProblemBody),
         (status = 401, description = "No token, or an invalid one", body = ProblemBody),
         (status = 404, description = "No job with this id was submitted through this server (recently)", body = ProblemBody),
         (status = 429, description = "Too many requests for this token (`Retry-After`)", body = ProblemBody),
