@@ -168,6 +168,9 @@ pub fn now() -> f64 {
         .as_secs_f64()
 }
 
+/// How long [`settle_and_delete`] gives a queue's count to reach zero.
+const SETTLE_WAIT: Duration = Duration::from_secs(10);
+
 /// Ready messages and consumers of `queue` (passive declare).
 pub async fn probe(channel: &Channel, queue: &str) -> anyhow::Result<(u32, u32)> {
     let options = QueueDeclareOptions {
@@ -195,10 +198,17 @@ pub async fn wait_consumers(channel: &Channel, queue: &str, n: u32) -> anyhow::R
 }
 
 /// Checks that `queues` hold no message (after their consumers stopped: an unsent ack would
-/// have put its job back), then deletes them and their dead-letter queues.
+/// have put its job back), then deletes them and their dead-letter queues. A quorum queue's
+/// count can trail its last acks for a moment, so a count above zero is asked again for up to
+/// [`SETTLE_WAIT`]; a job put back stays counted.
 pub async fn settle_and_delete(channel: &Channel, queues: &[String]) -> anyhow::Result<()> {
     for queue in queues {
-        let (ready, _) = probe(channel, queue).await?;
+        let deadline = Instant::now() + SETTLE_WAIT;
+        let mut ready = probe(channel, queue).await?.0;
+        while ready > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            ready = probe(channel, queue).await?.0;
+        }
         ensure!(ready == 0, "{ready} messages back in {queue} after the run");
         for name in [queue.clone(), warren_core::topology::dead_queue(queue)] {
             channel

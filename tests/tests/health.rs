@@ -9,6 +9,7 @@
 //! slower, and not what this test is about.)
 
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -18,11 +19,19 @@ use warren_tests::probe::{self, Scrape};
 use warren_tests::{binary, broker_url, cleanup, config, connect, dispatcher, procs, unique_queue};
 
 /// A relay to the test broker that can be cut (every connection closed, nothing accepted) and
-/// restored (listening again on the same port).
+/// restored (listening again on the same port); or, short of that, frozen (nothing forwarded
+/// on the connections it has, the sockets kept open) and one connection cut.
 struct Relay {
     port: u16,
     upstream: String,
-    running: Option<CancellationToken>,
+    running: Option<Running>,
+}
+
+/// A listening relay: its stop, its freeze, and one token per connection in accept order.
+struct Running {
+    stop: CancellationToken,
+    freeze: CancellationToken,
+    connections: Arc<Mutex<Vec<CancellationToken>>>,
 }
 
 impl Relay {
@@ -45,8 +54,14 @@ impl Relay {
         let listener = TcpListener::bind(("127.0.0.1", self.port))
             .await
             .expect("the relay listens");
-        let stop = CancellationToken::new();
-        self.running = Some(stop.clone());
+        let running = Running {
+            stop: CancellationToken::new(),
+            freeze: CancellationToken::new(),
+            connections: Arc::default(),
+        };
+        let (stop, freeze) = (running.stop.clone(), running.freeze.clone());
+        let connections = running.connections.clone();
+        self.running = Some(running);
         let upstream = self.upstream.clone();
         tokio::spawn(async move {
             loop {
@@ -57,13 +72,17 @@ impl Relay {
                         Err(_) => continue,
                     },
                 };
-                let (stop, upstream) = (stop.clone(), upstream.clone());
+                let cut = stop.child_token();
+                lock(&connections).push(cut.clone());
+                let (freeze, upstream) = (freeze.clone(), upstream.clone());
                 tokio::spawn(async move {
                     let Ok(mut server) = TcpStream::connect(upstream).await else {
                         return;
                     };
                     tokio::select! {
-                        _ = stop.cancelled() => {}
+                        _ = cut.cancelled() => {}
+                        // Frozen: both sockets stay open, nothing passes, until cut.
+                        _ = freeze.cancelled() => cut.cancelled().await,
                         _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
                     }
                 });
@@ -73,10 +92,30 @@ impl Relay {
 
     /// Closes every relayed connection and stops listening.
     fn cut(&mut self) {
-        if let Some(stop) = self.running.take() {
-            stop.cancel();
+        if let Some(running) = self.running.take() {
+            running.stop.cancel();
         }
     }
+
+    /// Forwards nothing more on any connection, without closing one.
+    fn freeze(&self) {
+        if let Some(running) = &self.running {
+            running.freeze.cancel();
+        }
+    }
+
+    /// Closes the `n`th connection accepted (from 0).
+    fn cut_connection(&self, n: usize) {
+        if let Some(running) = &self.running {
+            lock(&running.connections)[n].cancel();
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// `host:port` of the test broker's URL.
@@ -136,7 +175,7 @@ async fn readiness_follows_the_broker_going_away_and_coming_back() {
     for _ in 0..5 {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let ready = probe::get(port, "/readyz").await.expect("/readyz answers");
-        assert_eq!(ready.status, 503, "{ready:?}");
+        assert_eq!(ready.status, 503, "{ready:?}\n{}", worker.log_tail());
         let alive = probe::get(port, "/healthz")
             .await
             .expect("/healthz answers");
@@ -332,5 +371,41 @@ async fn readiness_needs_a_consumer_on_every_queue() {
     worker.terminate(Duration::from_secs(20)).await;
     cleanup(&channel, &[&kept, &deleted]).await;
     dispatcher.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Given a ready worker, when its consuming connection is cut while its publishing connection
+/// hangs (a half-dead network path: nothing answers, nothing closes), then `/readyz` is 503
+/// within seconds. The session used to say it had ended only after closing both connections,
+/// and the hanging one's close waited the whole operation timeout (30 s) while the worker said
+/// "ready"; a cut that reached the two connections a moment apart did the same on CI.
+#[tokio::test]
+async fn readiness_drops_at_once_when_a_session_ends() {
+    let queue = unique_queue("health-hang");
+    let relay = Relay::start(broker_authority()).await;
+    let port = probe::free_port();
+    let dir = std::env::temp_dir().join(format!("warren-{queue}"));
+    let mut worker = procs::WorkerSpec::new(binary("warren-worker"), "worker", &[&queue], &dir)
+        .env("WARREN_AMQP_URL", relay.url())
+        .env("WARREN_WORKER_HTTP", format!("127.0.0.1:{port}"))
+        .spawn(0)
+        .expect("starting warren-worker");
+    worker
+        .wait_started(Duration::from_secs(30))
+        .await
+        .expect("the worker consumes");
+    let ready = probe::wait_for_status(port, "/readyz", 200, Duration::from_secs(10)).await;
+    assert_eq!(ready.map(|r| r.status), Some(200), "{}", worker.log_tail());
+
+    // The worker connects its consuming connection first, then its publishing one.
+    relay.freeze();
+    relay.cut_connection(0);
+    let away = probe::wait_for_status(port, "/readyz", 503, Duration::from_secs(5)).await;
+    let away = away.expect("/readyz answers while the broker is away");
+    assert_eq!(away.status, 503, "{away:?}\n{}", worker.log_tail());
+
+    worker.terminate(Duration::from_secs(20)).await;
+    let channel = connect().await.create_channel().await.expect("channel");
+    cleanup(&channel, &[&queue]).await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -311,7 +311,7 @@ impl Process {
         let timeout = self.config.broker.operation_timeout;
         // Shared with the watchdog task (watchdog.rs), which opens channels of its own.
         // Until the session ends: not ready, connections down in the metrics.
-        let _state = SessionState(self);
+        let state = SessionState(self);
         let consuming = Arc::new(self.connector.connect(&self.consuming_name()).await?);
         self.connection_state(MetricLink::Consume, true);
         let publishing = self
@@ -450,15 +450,25 @@ impl Process {
             });
         };
 
+        // The session is over, whatever follows: not ready from now on (a lost connection's
+        // close below may take a while).
+        drop(state);
         // The streams hold the settlers' handles: dropping them lets each settler end once its
         // last job task has handed its delivery over.
         drop(deliveries);
-        if ended.is_ok() {
-            self.drain(&consumers.all()).await;
-        }
-        let _ = tokio::time::timeout(timeout, consuming.close(200, "worker stopping".into())).await;
+        // A close sent as the connection dies is never answered (lapin does not fail it), so
+        // after a loss the closes get a moment, not the whole operation timeout: the next
+        // session starts at once.
+        let closing = match ended {
+            Ok(()) => {
+                self.drain(&consumers.all()).await;
+                timeout
+            }
+            Err(_) => timeout.min(CLOSE_AFTER_LOSS),
+        };
+        let _ = tokio::time::timeout(closing, consuming.close(200, "worker stopping".into())).await;
         let _ =
-            tokio::time::timeout(timeout, publishing.close(200, "worker stopping".into())).await;
+            tokio::time::timeout(closing, publishing.close(200, "worker stopping".into())).await;
         ended
     }
 
@@ -864,6 +874,9 @@ struct ConsumerOf {
 /// worker its session and every in-flight ack. After the pause the queue is gone (a `404` that
 /// closes only the new channel, retried with backoff) or declared anew.
 const RESUBSCRIBE_PAUSE: Duration = Duration::from_secs(1);
+
+/// How long a session that lost the broker waits for each connection's close.
+const CLOSE_AFTER_LOSS: Duration = Duration::from_secs(1);
 
 /// The longest wait between two attempts to reach the broker or a queue.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(10);
