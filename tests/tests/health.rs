@@ -36,12 +36,18 @@ struct Running {
 
 impl Relay {
     async fn start(upstream: String) -> Relay {
+        // Bound here, port chosen by the system: a port found free and bound later may be
+        // taken meanwhile (by a parallel test's connection, as happened on CI).
+        let listener = TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .expect("the relay listens");
+        let port = listener.local_addr().expect("the relay's address").port();
         let mut relay = Relay {
-            port: probe::free_port(),
+            port,
             upstream,
             running: None,
         };
-        relay.restore().await;
+        relay.serve(listener);
         relay
     }
 
@@ -50,10 +56,15 @@ impl Relay {
         broker_url().replace(&self.upstream, &format!("127.0.0.1:{}", self.port))
     }
 
+    /// Listens again on the relay's port.
     async fn restore(&mut self) {
         let listener = TcpListener::bind(("127.0.0.1", self.port))
             .await
-            .expect("the relay listens");
+            .expect("the relay listens again on its port");
+        self.serve(listener);
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
         let running = Running {
             stop: CancellationToken::new(),
             freeze: CancellationToken::new(),
