@@ -8,6 +8,7 @@
 //! `warren_tests::fault::relay`, freezes connections instead, which only heartbeats reveal:
 //! slower, and not what this test is about.)
 
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -139,6 +140,23 @@ fn broker_authority() -> String {
     after_user.split('/').next().unwrap_or("").to_owned()
 }
 
+/// A `warren-worker` consuming `queue` through `relay`, its listener on a port of its own (from
+/// `$WARREN_WORKER_HTTP`), once it consumes: the process, that port, its log directory.
+async fn worker_through(relay: &Relay, queue: &str) -> (procs::WorkerProc, u16, PathBuf) {
+    let port = probe::free_port();
+    let dir = std::env::temp_dir().join(format!("warren-{queue}"));
+    let mut worker = procs::WorkerSpec::new(binary("warren-worker"), "worker", &[queue], &dir)
+        .env("WARREN_AMQP_URL", relay.url())
+        .env("WARREN_WORKER_HTTP", format!("127.0.0.1:{port}"))
+        .spawn(0)
+        .expect("starting warren-worker");
+    worker
+        .wait_started(Duration::from_secs(30))
+        .await
+        .expect("the worker consumes");
+    (worker, port, dir)
+}
+
 fn assert_probe_headers(response: &probe::Response) {
     assert_eq!(response.header("cache-control"), Some("no-store"));
     assert_eq!(response.header("x-content-type-options"), Some("nosniff"));
@@ -149,18 +167,7 @@ async fn readiness_follows_the_broker_going_away_and_coming_back() {
     let queue = unique_queue("health");
     let dispatcher = dispatcher(&config(&[&queue])).await;
     let mut relay = Relay::start(broker_authority()).await;
-    let port = probe::free_port();
-    let dir = std::env::temp_dir().join(format!("warren-{queue}"));
-    // The listener from $WARREN_WORKER_HTTP; the broker through the relay.
-    let mut worker = procs::WorkerSpec::new(binary("warren-worker"), "worker", &[&queue], &dir)
-        .env("WARREN_AMQP_URL", relay.url())
-        .env("WARREN_WORKER_HTTP", format!("127.0.0.1:{port}"))
-        .spawn(0)
-        .expect("starting warren-worker");
-    worker
-        .wait_started(Duration::from_secs(30))
-        .await
-        .expect("the worker consumes");
+    let (mut worker, port, dir) = worker_through(&relay, &queue).await;
 
     let alive = probe::wait_for_status(port, "/healthz", 200, Duration::from_secs(10)).await;
     let alive = alive.expect("/healthz answers");
@@ -394,17 +401,7 @@ async fn readiness_needs_a_consumer_on_every_queue() {
 async fn readiness_drops_at_once_when_a_session_ends() {
     let queue = unique_queue("health-hang");
     let relay = Relay::start(broker_authority()).await;
-    let port = probe::free_port();
-    let dir = std::env::temp_dir().join(format!("warren-{queue}"));
-    let mut worker = procs::WorkerSpec::new(binary("warren-worker"), "worker", &[&queue], &dir)
-        .env("WARREN_AMQP_URL", relay.url())
-        .env("WARREN_WORKER_HTTP", format!("127.0.0.1:{port}"))
-        .spawn(0)
-        .expect("starting warren-worker");
-    worker
-        .wait_started(Duration::from_secs(30))
-        .await
-        .expect("the worker consumes");
+    let (mut worker, port, dir) = worker_through(&relay, &queue).await;
     let ready = probe::wait_for_status(port, "/readyz", 200, Duration::from_secs(10)).await;
     assert_eq!(ready.map(|r| r.status), Some(200), "{}", worker.log_tail());
 
