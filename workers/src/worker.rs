@@ -450,21 +450,21 @@ impl Process {
             });
         };
 
-        // The session is over, whatever follows: not ready from now on (a lost connection's
-        // close below may take a while).
-        drop(state);
         // The streams hold the settlers' handles: dropping them lets each settler end once its
         // last job task has handed its delivery over.
         drop(deliveries);
-        // A close sent as the connection dies is never answered (lapin does not fail it), so
-        // after a loss the closes get a moment, not the whole operation timeout: the next
-        // session starts at once.
         let closing = match ended {
             Ok(()) => {
                 self.drain(&consumers.all()).await;
                 timeout
             }
-            Err(_) => timeout.min(CLOSE_AFTER_LOSS),
+            // The broker is lost: not ready from now on. A close sent as a connection dies is
+            // never answered (lapin does not fail it), so the closes get a moment, not the
+            // whole operation timeout, and the next session starts at once.
+            Err(_) => {
+                drop(state);
+                timeout.min(CLOSE_AFTER_LOSS)
+            }
         };
         let _ = tokio::time::timeout(closing, consuming.close(200, "worker stopping".into())).await;
         let _ =
