@@ -307,53 +307,18 @@ async fn client_mistakes_get_4xx_naming_the_field() {
             .to_owned();
         assert!(allow.contains(allowed), "{method} {path}: Allow {allow}");
     }
-    // Query parameters name themselves.
-    let response = call(
-        &http,
-        &serve,
-        "GET",
-        &format!("/v1/queues/{queue}/dead?limit=many"),
-        Some(READ),
-        None,
-    )
-    .await;
-    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
-    assert_eq!(json_of(response).await["field"], "limit");
-    let response = call(
-        &http,
-        &serve,
-        "GET",
-        "/v1/jobs/x/wait?timeout=forever",
-        Some(READ),
-        None,
-    )
-    .await;
-    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
-    assert_eq!(json_of(response).await["field"], "timeout");
-    // An unknown query parameter is named, not ignored (a misspelt `timeout` would wait 30 s).
-    let response = call(
-        &http,
-        &serve,
-        "GET",
-        "/v1/jobs/x/wait?timout=1s",
-        Some(READ),
-        None,
-    )
-    .await;
-    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
-    assert_eq!(json_of(response).await["field"], "timout");
-    // A path parameter that is not UTF-8: 400 naming it, as JSON.
-    let response = call(
-        &http,
-        &serve,
-        "GET",
-        "/v1/jobs/%FF%FE/wait",
-        Some(READ),
-        None,
-    )
-    .await;
-    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
-    assert_eq!(json_of(response).await["field"], "id");
+    // Query and path parameters name themselves: an invalid value, an unknown parameter (a
+    // misspelt `timeout` would otherwise wait 30 s), a path parameter that is not UTF-8.
+    for (path, field) in [
+        (format!("/v1/queues/{queue}/dead?limit=many"), "limit"),
+        ("/v1/jobs/x/wait?timeout=forever".to_owned(), "timeout"),
+        ("/v1/jobs/x/wait?timout=1s".to_owned(), "timout"),
+        ("/v1/jobs/%FF%FE/wait".to_owned(), "id"),
+    ] {
+        let response = call(&http, &serve, "GET", &path, Some(READ), None).await;
+        assert_eq!(response.status(), StatusCode::BAD_REQUEST, "{path}");
+        assert_eq!(json_of(response).await["field"], field, "{path}");
+    }
     // A replay rate too slow to schedule (or not positive) is refused before anything moves.
     for body in [
         r#"{"all": true, "rate": 1e-300}"#,

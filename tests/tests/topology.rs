@@ -219,18 +219,13 @@ async fn channel_ids_closed_by_the_broker_are_usable_again() {
     let dispatcher = dispatcher(&config).await;
     // One more than lapin's channel_max: every id is used, most of them by a channel the
     // broker closed.
-    for n in 0..2100 {
-        let known = dispatcher
-            .has_queue(&missing)
-            .await
-            .unwrap_or_else(|err| panic!("question {n} about a missing queue failed: {err}"));
-        assert_eq!(known, Some(false), "question {n}");
-    }
-    for n in 0..2100 {
-        let known = dispatcher
-            .has_queue(&queue)
-            .await
-            .unwrap_or_else(|err| panic!("question {n} about an existing queue failed: {err}"));
-        assert_eq!(known, Some(true), "question {n}");
+    for (name, exists) in [(&missing, false), (&queue, true)] {
+        for n in 0..2100 {
+            let known = dispatcher
+                .has_queue(name)
+                .await
+                .unwrap_or_else(|err| panic!("question {n} about `{name}` failed: {err}"));
+            assert_eq!(known, Some(exists), "question {n} about `{name}`");
+        }
     }
 }
